@@ -1,0 +1,406 @@
+"""The Prefect flow: a spec in, every variant measured and logged, the best one promoted.
+
+Stage logic lives in `tasks/`; here it is wrapped as Prefect tasks (one place) and chained, and
+every result is logged to MLflow from the flow's own thread through `flows.tracking`.
+
+Order: inspect -> pre-process -> FP32 evaluation and profile -> calibration (once per method) ->
+per variant, concurrently: quantize -> evaluate -> then profiling, one variant at a time (two
+models timed at once on a 2-core machine would time each other) -> selection -> registration.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime
+import yaml
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from rich.console import Console
+
+from flows import __version__
+from flows.spec import PipelineSpec, StaticVariant, VariantBase
+from flows.specfile import load_spec
+from flows.tracking import TAG_PREFIX, Tracker, flatten, onnx_signature, scratch_dir
+from tasks.calibrate import calibrate
+from tasks.data import load_dataset
+from tasks.evaluate import evaluate, evaluate_model, run_model
+from tasks.graph import quantized_op_counts
+from tasks.hardware import detect
+from tasks.model import inspect_model
+from tasks.preprocess import preprocess
+from tasks.profile import input_feed, profile_pair, profile_single
+from tasks.quantize import QUANTIZERS, quantize
+from tasks.report import plot_pareto, write_table
+from tasks.select import Candidate, beats_holder, select
+
+
+def _task(function, name: str):
+    # Inputs hold numpy arrays and paths in temp dirs: caching them would only log hashing errors.
+    return task(function, name=name, cache_policy=NO_CACHE, persist_result=False)
+
+
+inspect_task = _task(inspect_model, "inspect-model")
+preprocess_task = _task(preprocess, "pre-process")
+load_data_task = _task(load_dataset, "load-data")
+run_model_task = _task(run_model, "fp32-outputs")
+calibrate_task = _task(calibrate, "calibrate")
+quantize_task = _task(quantize, "quantize")
+evaluate_task = _task(evaluate_model, "evaluate")
+profile_pair_task = _task(profile_pair, "profile")
+profile_single_task = _task(profile_single, "profile-fp32")
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+def say(stage: str, message: str) -> None:
+    console.print(f"[bold cyan]{stage:>12}[/] {message}")
+
+
+@dataclass
+class VariantOutcome:
+    variant: VariantBase
+    quantized: Any = None
+    evaluation: Any = None
+    profiles: list = field(default_factory=list)
+    op_counts: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    failed_stage: str | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.variant.name)
+
+
+@dataclass
+class PipelineOutcome:
+    parent_run_id: str
+    selected: str | None
+    summary: str
+    variants: dict[str, str]  # name -> "ok" or the error
+    registered_version: str | None = None
+    alias_moved: bool = False
+    alias_reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@flow(name="int8flow", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False)
+def quantization_pipeline(spec_file: str) -> dict[str, Any]:
+    """Run the pipeline described by `spec_file` (a YAML spec) and return what happened."""
+    spec_path = Path(spec_file).resolve()
+    spec = load_spec(spec_path)
+    tracker = Tracker()
+    experiment = tracker.experiment_id(spec.name)
+    with scratch_dir("int8flow-work-") as work, tracker.run(experiment, spec.name, {f"{TAG_PREFIX}pipeline": spec.name}) as parent:
+        say("run", f"{spec.name}: MLflow run {parent} at {tracker.tracking_uri}")
+        outcome = _run(spec, spec_path, tracker, experiment, parent, work)
+    say("done", outcome.summary)
+    return outcome.as_dict()
+
+
+def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str, parent: str, work: Path) -> PipelineOutcome:
+    variants = spec.resolved_variants()
+    hardware = detect()
+    source = inspect_task(spec.model.path)
+    _log_parent_setup(tracker, parent, spec, variants, source, hardware, spec_path)
+    say("model", f"{source.path.name}: opset {source.opset}, {source.size_bytes / 1e6:.1f} MB, sha256 {source.sha256[:12]}")
+
+    pre = preprocess_task(source.path, spec.preprocess, work / "preprocessed" / "model.onnx")
+    for note in pre.notes:
+        say("pre-process", f"[yellow]{note}[/]")
+    tracker.set_tags(parent, {f"{TAG_PREFIX}preprocess_notes": " | ".join(pre.notes) or "none"})
+
+    base_dir = spec_path.parent
+    eval_data = load_data_task(spec.evaluation.data, source.input_dtypes, base_dir=base_dir)
+    reference = run_model_task(source.path, eval_data, spec.evaluation.output)
+    fp32 = evaluate(reference, reference, eval_data, spec.evaluation.metrics)
+    say("fp32", f"{eval_data.samples} samples: " + ", ".join(f"{k}={v:.4g}" for k, v in fp32.metrics.items()))
+    fp32_latency = {}
+    for batch_size in spec.profiling.batch_sizes:
+        feed = input_feed(eval_data, batch_size)
+        for threads in spec.profiling.threads:
+            latency = profile_single_task(source.path, feed, threads, spec.profiling.warmup, spec.profiling.runs)
+            fp32_latency[(batch_size, threads)] = latency
+            tracker.log_metrics(parent, latency.as_metrics(f"fp32.b{batch_size}_t{threads}"))
+    tracker.log_metrics(parent, {f"fp32.{name}": value for name, value in fp32.metrics.items()} | {"fp32.size_mb": source.size_bytes / 1e6})
+    tracker.set_tags(parent, {f"{TAG_PREFIX}eval_fingerprint": eval_data.fingerprint})
+
+    outcomes = {variant.name: VariantOutcome(variant) for variant in variants}
+    ranges = _calibrate(spec, variants, source, pre.path, base_dir, work, tracker, parent, outcomes)
+
+    variant_paths = {name: work / "variants" / name / "model.onnx" for name in outcomes}
+    quantized = {
+        name: quantize_task.with_options(task_run_name=f"quantize[{name}]").submit(
+            pre.path if QUANTIZERS[outcome.variant.kind].wants_preprocessed else source.path,
+            outcome.variant, ranges, variant_paths[name],
+        )
+        for name, outcome in outcomes.items()
+        if outcome.error is None
+    }
+    evaluated = {
+        name: evaluate_task.with_options(task_run_name=f"evaluate[{name}]").submit(
+            variant_paths[name], eval_data, reference, spec.evaluation.metrics, spec.evaluation.output,
+            wait_for=[future],
+        )
+        for name, future in quantized.items()
+    }
+    for name, future in quantized.items():
+        outcome = outcomes[name]
+        try:
+            outcome.quantized = future.result()
+        except Exception as error:
+            outcome.error, outcome.failed_stage = _describe(error), "quantize"
+            say("quantize", f"[red]{name} failed[/]: {outcome.error}")
+            continue
+        try:
+            outcome.evaluation = evaluated[name].result()
+        except Exception as error:
+            outcome.error, outcome.failed_stage = _describe(error), "evaluate"
+            say("evaluate", f"[red]{name} failed[/]: {outcome.error}")
+            continue
+        say("evaluate", f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in outcome.evaluation.metrics.items()))
+
+    for outcome in outcomes.values():
+        if outcome.error is None:
+            _profile(spec, source.path, eval_data, outcome)
+
+    candidates = [_candidate(spec, outcome) for outcome in outcomes.values()]
+    fp32_selection_latency = fp32_latency[(spec.selection_batch_size, spec.selection_threads)]
+    fp32_candidate = Candidate("fp32", fp32.metrics, 1.0, fp32_selection_latency.p50_ms, source.size_bytes)
+    result = select(candidates, fp32.metrics, spec.selection_metric, spec.selection)
+    for verdict in result.verdicts:
+        status = "[green]eligible[/]" if verdict.eligible else "rejected: " + "; ".join(verdict.reasons)
+        say("select", f"{verdict.name}: {status}")
+    say("select", result.summary)
+
+    outcome_summary = PipelineOutcome(
+        parent_run_id=parent,
+        selected=result.selected,
+        summary=result.summary,
+        variants={name: outcome.error or "ok" for name, outcome in outcomes.items()},
+    )
+    for outcome, candidate, verdict in zip(outcomes.values(), candidates, result.verdicts):
+        with tracker.run(experiment, outcome.name, _variant_tags(outcome, verdict, result.selected), parent_id=parent) as run_id:
+            _log_variant(tracker, run_id, outcome, candidate, verdict, fp32.metrics, source.size_bytes)
+            if outcome.name == result.selected and spec.registry is not None and spec.registry.promote:
+                _promote(spec, tracker, run_id, outcome, source, eval_data, pre, ranges, outcome_summary, work)
+
+    _log_summary(tracker, parent, spec, candidates, fp32_candidate, result, work)
+    tracker.set_tags(parent, {f"{TAG_PREFIX}selected": result.selected or "none", f"{TAG_PREFIX}summary": result.summary})
+    if outcome_summary.registered_version:
+        tracker.set_tags(parent, {f"{TAG_PREFIX}registered_version": outcome_summary.registered_version})
+    return outcome_summary
+
+
+def _calibrate(spec, variants, source, model_path, base_dir, work, tracker, parent, outcomes) -> dict:
+    """One calibration per method any static variant uses; a failed method fails only its variants."""
+    methods = sorted({v.calibration_method for v in variants if isinstance(v, StaticVariant)})
+    if not methods or spec.calibration is None:
+        return {}
+    data = load_data_task(spec.calibration.data, source.input_dtypes, max_samples=spec.calibration.samples, base_dir=base_dir)
+    tracker.set_tags(parent, {f"{TAG_PREFIX}calibration_fingerprint": data.fingerprint})
+    futures = {
+        method: calibrate_task.with_options(task_run_name=f"calibrate[{method}]").submit(
+            model_path, data, method, spec.calibration, work / "calibration" / f"{method}.json"
+        )
+        for method in methods
+    }
+    ranges = {}
+    for method, future in futures.items():
+        try:
+            ranges[method] = future.result()
+            say("calibrate", f"{method}: {ranges[method].tensors} tensors from {data.samples} samples in {ranges[method].seconds:.1f} s")
+            tracker.log_metrics(parent, {f"calibration.{method}.seconds": ranges[method].seconds})
+        except Exception as error:
+            say("calibrate", f"[red]{method} failed[/]: {_describe(error)}")
+            for outcome in outcomes.values():
+                if isinstance(outcome.variant, StaticVariant) and outcome.variant.calibration_method == method:
+                    outcome.error, outcome.failed_stage = _describe(error), "calibrate"
+    return ranges
+
+
+def _profile(spec: PipelineSpec, fp32_path: Path, eval_data, outcome: VariantOutcome) -> None:
+    try:
+        for batch_size in spec.profiling.batch_sizes:
+            feed = input_feed(eval_data, batch_size)
+            for threads in spec.profiling.threads:
+                pair = profile_pair_task.with_options(task_run_name=f"profile[{outcome.name}]")(
+                    fp32_path, outcome.quantized.path, feed, threads, spec.profiling.warmup, spec.profiling.runs
+                )
+                outcome.profiles.append(pair)
+                say("profile", f"{outcome.name} b{batch_size} t{threads}: p50 {pair.candidate.p50_ms:.3g} ms vs FP32 {pair.baseline.p50_ms:.3g} ms = {pair.speedup:.2f}x")
+        outcome.op_counts = quantized_op_counts(outcome.quantized.path)
+    except Exception as error:
+        outcome.error, outcome.failed_stage = _describe(error), "profile"
+        say("profile", f"[red]{outcome.name} failed[/]: {outcome.error}")
+
+
+def _candidate(spec: PipelineSpec, outcome: VariantOutcome) -> Candidate:
+    if outcome.error is not None:
+        return Candidate(outcome.name, error=f"{outcome.failed_stage}: {outcome.error}")
+    pair = next(p for p in outcome.profiles if (p.batch_size, p.threads) == (spec.selection_batch_size, spec.selection_threads))
+    return Candidate(
+        outcome.name,
+        metrics=outcome.evaluation.metrics,
+        speedup=pair.speedup,
+        latency_ms=pair.candidate.p50_ms,
+        size_bytes=outcome.quantized.size_bytes,
+    )
+
+
+def _variant_tags(outcome: VariantOutcome, verdict, selected: str | None) -> dict[str, str]:
+    return {
+        f"{TAG_PREFIX}kind": outcome.variant.kind,  # type: ignore[attr-defined]
+        f"{TAG_PREFIX}selected": str(outcome.name == selected).lower(),
+        f"{TAG_PREFIX}eligible": str(verdict.eligible).lower(),
+        f"{TAG_PREFIX}verdict": "eligible" if verdict.eligible else "; ".join(verdict.reasons),
+    }
+
+
+def _log_variant(tracker: Tracker, run_id: str, outcome: VariantOutcome, candidate: Candidate, verdict, fp32_metrics, fp32_size) -> None:
+    tracker.log_params(run_id, flatten(outcome.variant.model_dump(mode="json", exclude={"grid"})))
+    if outcome.error is not None:
+        tracker.end(run_id, "FAILED", f"{outcome.failed_stage}: {outcome.error}")
+        return
+    metrics: dict[str, float] = dict(outcome.evaluation.metrics)
+    for name, value in outcome.evaluation.metrics.items():
+        if name in fp32_metrics:
+            metrics[f"{name}_drop"] = fp32_metrics[name] - value
+    for pair in outcome.profiles:
+        metrics |= pair.candidate.as_metrics(pair.key) | {f"{pair.key}_speedup": pair.speedup}
+        metrics[f"{pair.key}_fp32_p50_ms"] = pair.baseline.p50_ms
+    metrics |= {
+        "size_mb": outcome.quantized.size_bytes / 1e6,
+        "compression_ratio": fp32_size / outcome.quantized.size_bytes,
+        "quantize_seconds": outcome.quantized.seconds,
+        "speedup": candidate.speedup or 0.0,
+    }
+    metrics |= {f"ops.{op}": count for op, count in outcome.op_counts.items()}
+    tracker.log_metrics(run_id, metrics)
+    if outcome.quantized.notes:
+        tracker.set_tags(run_id, {f"{TAG_PREFIX}notes": " | ".join(outcome.quantized.notes)})
+    tracker.log_artifact(run_id, outcome.quantized.path, "quantized")
+
+
+def _recipe(spec: PipelineSpec, outcome: VariantOutcome, source, eval_data, pre, ranges) -> str:
+    """What makes two versions identical: same model, same resolved variant, same data, same tools."""
+    import hashlib
+
+    variant = outcome.variant
+    calibration = ranges.get(variant.calibration_method) if isinstance(variant, StaticVariant) else None
+    ingredients = {
+        "source_sha256": source.sha256,
+        "variant": variant.model_dump(mode="json", exclude={"name", "grid"}),
+        "preprocess": spec.preprocess.model_dump(mode="json"),
+        "calibration": spec.calibration.model_dump(mode="json", exclude={"data"}) if calibration else None,
+        "calibration_ranges_sha256": hashlib.sha256(calibration.path.read_bytes()).hexdigest() if calibration else None,
+        "onnxruntime": onnxruntime.__version__,
+        "onnx": onnx.__version__,
+    }
+    return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()
+
+
+def _promote(spec, tracker: Tracker, run_id: str, outcome: VariantOutcome, source, eval_data, pre, ranges, summary: PipelineOutcome, work: Path) -> None:
+    registry = spec.registry
+    metric = spec.selection_metric
+    recipe = _recipe(spec, outcome, source, eval_data, pre, ranges)
+    existing = tracker.find_version(registry.model_name, recipe)
+    if existing is not None:
+        registered = existing
+        say("register", f"{registry.model_name} v{existing.version} already holds this exact variant; no new version")
+    else:
+        tags = {
+            f"{TAG_PREFIX}recipe": recipe,
+            f"{TAG_PREFIX}variant": outcome.name,
+            f"{TAG_PREFIX}source_sha256": source.sha256,
+            f"{TAG_PREFIX}eval_fingerprint": eval_data.fingerprint,
+            f"{TAG_PREFIX}size_bytes": str(outcome.quantized.size_bytes),
+            f"{TAG_PREFIX}objective": spec.selection.objective,
+        } | {f"{TAG_PREFIX}metric.{name}": repr(value) for name, value in outcome.evaluation.metrics.items()}
+        signature = onnx_signature(source.inputs, source.outputs)
+        registered = tracker.register(run_id, outcome.quantized.path, registry.model_name, signature, tags)
+        say("register", f"{registry.model_name} v{registered.version} <- {outcome.name}")
+    summary.registered_version = registered.version
+
+    holder = tracker.alias_holder(registry.model_name, registry.alias)
+    if holder is None:
+        decision_move, reason = True, f"no version held @{registry.alias} yet"
+    elif str(holder.version) == registered.version:
+        decision_move, reason = False, f"v{registered.version} already holds @{registry.alias}"
+    elif holder.tags.get(f"{TAG_PREFIX}eval_fingerprint") != eval_data.fingerprint:
+        decision_move = False
+        reason = (
+            f"@{registry.alias} v{holder.version} was evaluated on different data "
+            "(evaluation fingerprints differ); not compared, alias left where it is"
+        )
+    else:
+        speedup = None
+        if spec.selection.objective == "latency":
+            holder_path = tracker.download_version(registry.model_name, str(holder.version), work / "holder")
+            pair = profile_pair_task(
+                holder_path, outcome.quantized.path, input_feed(eval_data, spec.selection_batch_size),
+                spec.selection_threads, spec.profiling.warmup, spec.profiling.runs,
+            )
+            speedup = pair.speedup
+        holder_metrics = {
+            key.removeprefix(f"{TAG_PREFIX}metric."): float(value)
+            for key, value in holder.tags.items()
+            if key.startswith(f"{TAG_PREFIX}metric.")
+        }
+        holder_size = holder.tags.get(f"{TAG_PREFIX}size_bytes")
+        decision = beats_holder(
+            spec.selection.objective, metric, outcome.evaluation.metrics, outcome.quantized.size_bytes,
+            holder_metrics, int(holder_size) if holder_size else None, speedup,
+        )
+        decision_move, reason = decision.move, f"vs @{registry.alias} v{holder.version}: {decision.reason}"
+    if decision_move:
+        tracker.set_alias(registry.model_name, registry.alias, registered.version)
+        say("promote", f"[green]@{registry.alias} -> v{registered.version}[/] ({reason})")
+    else:
+        say("promote", f"@{registry.alias} unchanged ({reason})")
+    summary.alias_moved, summary.alias_reason = decision_move, reason
+    tracker.set_tags(run_id, {f"{TAG_PREFIX}registered_version": registered.version, f"{TAG_PREFIX}alias_decision": reason})
+
+
+def _log_parent_setup(tracker, parent, spec: PipelineSpec, variants, source, hardware, spec_path: Path) -> None:
+    resolved = spec.model_dump(mode="json", exclude={"variants"}) | {
+        "variants": [v.model_dump(mode="json", exclude={"grid"}) for v in variants]
+    }
+    tracker.log_params(parent, flatten(resolved, "spec."))
+    tracker.log_text(parent, yaml.safe_dump(resolved, sort_keys=False), "spec/resolved.yaml")
+    tracker.log_artifact(parent, spec_path, "spec")
+    tracker.set_tags(
+        parent,
+        {
+            f"{TAG_PREFIX}source_sha256": source.sha256,
+            f"{TAG_PREFIX}version": __version__,
+            f"{TAG_PREFIX}onnx_version": onnx.__version__,
+            f"{TAG_PREFIX}onnxruntime_version": onnxruntime.__version__,
+            f"{TAG_PREFIX}cpu": hardware.cpu_model,
+            f"{TAG_PREFIX}machine": hardware.machine,
+            f"{TAG_PREFIX}logical_cpus": hardware.logical_cpus,
+            f"{TAG_PREFIX}execution_providers": ",".join(hardware.execution_providers),
+        }
+        | {f"{TAG_PREFIX}cpu.{flag}": str(present).lower() for flag, present in hardware.flags.items()},
+    )
+
+
+def _log_summary(tracker, parent, spec, candidates, fp32_candidate, result, work: Path) -> None:
+    metric = spec.selection_metric.name
+    table = write_table(candidates, fp32_candidate, result, metric, work / "variants.csv")
+    tracker.log_artifact(parent, table, "summary")
+    plot = plot_pareto(candidates, fp32_candidate, result, metric, work / "accuracy_vs_latency.png")
+    tracker.log_artifact(parent, plot, "summary")
+    failed = sum(c.error is not None for c in candidates)
+    tracker.log_metrics(parent, {"variants_total": len(candidates), "variants_failed": failed, "variants_eligible": sum(v.eligible for v in result.verdicts)})
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".strip()

@@ -1,0 +1,505 @@
+"""The pipeline spec: strict pydantic models, one registry of variant kinds.
+
+A YAML file in `pipelines/` validates into `PipelineSpec`. Unknown keys are errors, every field says
+what it means (the JSON Schema in `pipelines/schema.json` is generated from these models), relative
+paths are resolved against the spec file's folder, and `resolved_variants()` gives the variants with
+grids expanded and defaults filled in: those resolved values are what gets run and logged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import sys
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+CalibrationMethod = Literal["minmax", "entropy", "percentile", "distribution"]
+Int8Type = Literal["QInt8", "QUInt8"]
+CALLABLE_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    context = info.context or {}
+    return Path(context.get("base_dir", "."))
+
+
+def resolve_path(value: Path, info: ValidationInfo, *, must_exist: bool = True) -> Path:
+    """Resolve `value` against the spec file's folder and check it exists (when validating a file)."""
+    path = value if value.is_absolute() else _base_dir(info) / value
+    path = path.resolve()
+    if must_exist and (info.context or {}).get("check_paths", True) and not path.exists():
+        raise ValueError(f"no such file or folder: {path}")
+    return path
+
+
+def resolve_callable(reference: str, base_dir: Path | None = None):
+    """Import `module:function`; the spec's folder is searched first, like a project root."""
+    module_name, _, attribute = reference.partition(":")
+    if base_dir is not None and str(base_dir) not in sys.path:
+        sys.path.insert(0, str(base_dir))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"cannot import module {module_name!r}: {error}") from error
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ValueError(f"module {module_name!r} has no callable {attribute!r}")
+    return function
+
+
+def check_callable(reference: str, info: ValidationInfo) -> str:
+    if (info.context or {}).get("check_imports", True):
+        resolve_callable(reference, _base_dir(info))
+    return reference
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model, data and metrics
+
+
+class OnnxModelSource(StrictModel):
+    source: Literal["onnx"] = Field(description="Where the FP32 model comes from; `onnx`: an ONNX file.")
+    path: Path = Field(description="The FP32 `.onnx` file, relative to the spec file.")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: Path, info: ValidationInfo) -> Path:
+        path = resolve_path(value, info)
+        if path.exists() and path.suffix != ".onnx":
+            raise ValueError(f"expected an .onnx file, got {path.name}")
+        return path
+
+
+class DataSource(StrictModel):
+    """Inputs (and optional labels), from exactly one of `path` or `callable`."""
+
+    path: Path | None = Field(
+        default=None,
+        description="An `.npz` file (arrays keyed by model input name, optional `labels`; first axis = "
+        "samples) or a folder of `.npz`/`.npy` files (a `.npy` feeds a single-input model).",
+    )
+    callable: str | None = Field(
+        default=None,
+        pattern=CALLABLE_PATTERN,
+        description="`module:function` returning an iterable of input dicts, or of (input dict, labels) "
+        "pairs; each dict maps input names to arrays with a batch axis. The spec's folder is importable.",
+    )
+    batch_size: int = Field(default=16, ge=1, description="Samples per inference call.")
+    limit: int | None = Field(default=None, ge=1, description="Use at most this many samples.")
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else resolve_path(value, info)
+
+    @field_validator("callable")
+    @classmethod
+    def _importable(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else check_callable(value, info)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DataSource:
+        if (self.path is None) == (self.callable is None):
+            raise ValueError("give exactly one of `path` or `callable`")
+        return self
+
+
+BUILTIN_METRICS: dict[str, str] = {
+    "top1": "top-1 accuracy of argmax(output) against the labels (needs labels)",
+    "cosine": "mean cosine similarity of each sample's output vs the FP32 model's",
+    "mae": "mean absolute error vs the FP32 model's output",
+    "mre": "relative error vs FP32: sum |output - fp32| / sum |fp32|",
+}
+LOWER_IS_BETTER = {"mae", "mre"}
+
+
+class Metric(StrictModel):
+    """A built-in metric by name (`top1`, `cosine`, `mae`, `mre`) or a user metric `module:function`."""
+
+    name: str = Field(description="Built-in metric name, or the name a user metric is logged under.")
+    function: str | None = Field(
+        default=None,
+        pattern=CALLABLE_PATTERN,
+        description="User metric `module:function(outputs, reference_outputs, labels) -> float`; "
+        "outputs are lists of arrays per batch, labels None when the data has none.",
+    )
+    higher_is_better: bool | None = Field(
+        default=None, description="Direction of a user metric; built-ins know their own."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+    @field_validator("function")
+    @classmethod
+    def _importable(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else check_callable(value, info)
+
+    @model_validator(mode="after")
+    def _known(self) -> Metric:
+        if self.function is None and self.name not in BUILTIN_METRICS:
+            raise ValueError(
+                f"unknown metric {self.name!r}: expected one of {', '.join(BUILTIN_METRICS)} "
+                "or a user metric with `function: module:function`"
+            )
+        if self.function is not None and self.name in BUILTIN_METRICS:
+            raise ValueError(f"{self.name!r} is a built-in metric; give the user metric another name")
+        return self
+
+    @property
+    def higher_better(self) -> bool:
+        if self.function is None:
+            return self.name not in LOWER_IS_BETTER
+        return True if self.higher_is_better is None else self.higher_is_better
+
+
+class Evaluation(StrictModel):
+    data: DataSource = Field(description="Evaluation inputs, with labels for `top1`.")
+    metrics: list[Metric] = Field(
+        default_factory=lambda: [Metric(name="cosine")],
+        min_length=1,
+        description="Metrics computed for FP32 and every variant; the first one drives selection "
+        "unless `selection.metric` says otherwise.",
+    )
+    output: str | None = Field(
+        default=None, description="Model output the metrics read; default: the first output."
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Evaluation:
+        names = [metric.name for metric in self.metrics]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"metric names must be unique: {', '.join(duplicates)}")
+        return self
+
+
+class Calibration(StrictModel):
+    data: DataSource = Field(description="Representative inputs for static quantization ranges.")
+    method: CalibrationMethod = Field(
+        default="minmax", description="Default range method for static variants that don't set one."
+    )
+    samples: int = Field(default=128, ge=1, description="At most this many calibration samples.")
+    percentile: float = Field(
+        default=99.999, gt=50, le=100, description="Percentile kept by the `percentile` method."
+    )
+    symmetric: bool = Field(
+        default=False, description="Make activation ranges symmetric around zero while calibrating."
+    )
+
+
+class Preprocess(StrictModel):
+    quant_pre_process: bool = Field(
+        default=True,
+        description="Run ONNX Runtime's `quant_pre_process` (shape inference, graph optimisation) "
+        "first. If symbolic shape inference fails it is retried without it, and the run says so.",
+    )
+    skip_optimization: bool = Field(
+        default=False, description="Skip the ORT graph optimisation step of `quant_pre_process`."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Variants: one registry, discriminated on `kind`
+
+
+class VariantBase(StrictModel):
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$",
+        description="Run name of the variant; default: made from its kind and options.",
+    )
+    grid: dict[str, list[Any]] | None = Field(
+        default=None,
+        description="Expand into one variant per combination of these option values, "
+        "e.g. `{per_channel: [true, false]}`.",
+    )
+
+    def default_name(self) -> str:
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _grid_keys(self) -> VariantBase:
+        if not self.grid:
+            return self
+        options = set(type(self).model_fields) - {"kind", "name", "grid"}
+        for key, values in self.grid.items():
+            if key not in options:
+                raise ValueError(
+                    f"grid key {key!r} is not an option of kind {self.kind!r}; "  # type: ignore[attr-defined]
+                    f"options: {', '.join(sorted(options))}"
+                )
+            if not values:
+                raise ValueError(f"grid key {key!r} needs at least one value")
+        for combination in self._grid_combinations():
+            type(self).model_validate({**self._options(), **combination})
+        return self
+
+    def _options(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"grid", "name"}, exclude_defaults=True) | {"kind": self.kind}  # type: ignore[attr-defined]
+
+    def _grid_combinations(self) -> list[dict[str, Any]]:
+        keys = list(self.grid or {})
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid or {}).values())]
+
+    def expand(self) -> list[VariantBase]:
+        """This variant, or one variant per grid combination, each with a name."""
+        if not self.grid:
+            return [self if self.name else self.model_copy(update={"name": self.default_name()})]
+        expanded = []
+        for combination in self._grid_combinations():
+            variant = type(self).model_validate({**self._options(), **combination})
+            suffix = "-".join(f"{key}={_short(value)}" for key, value in combination.items())
+            name = f"{self.name}-{suffix}" if self.name else variant.default_name()
+            expanded.append(variant.model_copy(update={"name": name}))
+        return expanded
+
+
+def _short(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+class DynamicVariant(VariantBase):
+    """ORT `quantize_dynamic`: int8 weights, activations quantized at run time."""
+
+    kind: Literal["dynamic"] = Field(description="Dynamic quantization (weights int8 ahead of time).")
+    weight_type: Int8Type = Field(default="QInt8", description="Weight integer type.")
+    per_channel: bool = Field(default=False, description="One scale per output channel of a weight.")
+    reduce_range: bool = Field(
+        default=False, description="7-bit weights, avoids u8s8 saturation on CPUs without VNNI."
+    )
+    op_types: list[str] | None = Field(
+        default=None, description="Op types to quantize (e.g. [MatMul, Attention]); default: ORT's."
+    )
+    nodes_to_exclude: list[str] = Field(default_factory=list, description="Node names kept in float.")
+    extra_options: dict[str, Any] = Field(
+        default_factory=dict, description="Passed to ORT as `extra_options`."
+    )
+
+    def default_name(self) -> str:
+        granularity = "per-channel" if self.per_channel else "per-tensor"
+        return f"dynamic-{self.weight_type.lower()}-{granularity}"
+
+
+_SHORT_TYPES = {"QInt8": "s8", "QUInt8": "u8"}
+
+
+class StaticVariant(VariantBase):
+    """ORT `quantize_static` with ranges from the pipeline's calibration."""
+
+    kind: Literal["static"] = Field(description="Static quantization (activation ranges calibrated).")
+    format: Literal["QDQ", "QOperator"] = Field(default="QDQ", description="ONNX quantization format.")
+    activation_type: Int8Type = Field(default="QUInt8", description="Activation integer type.")
+    weight_type: Int8Type = Field(default="QInt8", description="Weight integer type.")
+    per_channel: bool = Field(default=False, description="One scale per output channel of a weight.")
+    reduce_range: bool = Field(
+        default=False, description="7-bit weights, avoids u8s8 saturation on CPUs without VNNI."
+    )
+    calibration_method: CalibrationMethod | None = Field(
+        default=None, description="Range method; default: `calibration.method`."
+    )
+    op_types: list[str] | None = Field(
+        default=None, description="Op types to quantize; default: every type ORT can quantize."
+    )
+    op_types_to_exclude: list[str] = Field(
+        default_factory=list, description="Op types left in float (removed from `op_types`)."
+    )
+    nodes_to_exclude: list[str] = Field(default_factory=list, description="Node names kept in float.")
+    extra_options: dict[str, Any] = Field(
+        default_factory=dict, description="Passed to ORT as `extra_options` (e.g. ActivationSymmetric)."
+    )
+
+    def default_name(self) -> str:
+        granularity = "per-channel" if self.per_channel else "per-tensor"
+        method = self.calibration_method or "calib"
+        types = _SHORT_TYPES[self.activation_type] + _SHORT_TYPES[self.weight_type]
+        return f"static-{self.format.lower()}-{types}-{granularity}-{method}"
+
+
+class WeightOnlyInt4Variant(VariantBase):
+    """ORT `MatMulNBitsQuantizer`: 4-bit block-wise weights, float activations."""
+
+    kind: Literal["weight_only_int4"] = Field(description="Weight-only int4 (MatMulNBits).")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(default=32, description="Weights per scale.")
+    symmetric: bool = Field(default=True, description="Symmetric blocks (no zero point).")
+    accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(
+        default=None,
+        description="MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.",
+    )
+    op_types: list[Literal["MatMul", "Gather"]] = Field(
+        default_factory=lambda: ["MatMul"], description="Op types whose weights become int4."
+    )
+    nodes_to_exclude: list[str] = Field(default_factory=list, description="Node names kept in float.")
+
+    def default_name(self) -> str:
+        return f"int4-block{self.block_size}-{'sym' if self.symmetric else 'asym'}"
+
+
+class Fp16Variant(VariantBase):
+    """Float16 weights and compute, via ORT's `float16` converter."""
+
+    kind: Literal["fp16"] = Field(description="Float16 conversion.")
+    keep_io_types: bool = Field(default=True, description="Keep float32 model inputs and outputs.")
+    op_block_list: list[str] | None = Field(
+        default=None, description="Op types kept in float32; default: ORT's list."
+    )
+
+    def default_name(self) -> str:
+        return "fp16"
+
+
+VARIANT_KINDS: dict[str, type[VariantBase]] = {
+    "dynamic": DynamicVariant,
+    "static": StaticVariant,
+    "weight_only_int4": WeightOnlyInt4Variant,
+    "fp16": Fp16Variant,
+}
+Variant = Annotated[
+    Union[DynamicVariant, StaticVariant, WeightOnlyInt4Variant, Fp16Variant],
+    Field(discriminator="kind"),
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Profiling, selection, registry
+
+
+class Profiling(StrictModel):
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1], min_length=1, description="Batch sizes to time."
+    )
+    threads: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1], min_length=1, description="ORT intra-op thread counts to time."
+    )
+    warmup: int = Field(default=5, ge=0, description="Untimed runs before timing, per model.")
+    runs: int = Field(default=30, ge=3, description="Timed runs per model and configuration.")
+
+
+class Selection(StrictModel):
+    metric: str | None = Field(
+        default=None, description="Accuracy metric the constraints use; default: the first metric."
+    )
+    max_drop: float | None = Field(
+        default=None, ge=0, description="Largest accepted accuracy drop vs FP32 (see `drop`)."
+    )
+    drop: Literal["absolute", "relative"] = Field(
+        default="absolute", description="`max_drop` in metric units, or as a fraction of FP32's value."
+    )
+    min_speedup: float = Field(
+        default=1.0,
+        ge=0,
+        description="Smallest accepted FP32/variant p50 latency ratio; 1.0 rejects anything slower "
+        "than FP32.",
+    )
+    max_size_mb: float | None = Field(default=None, gt=0, description="Largest accepted model size.")
+    objective: Literal["latency", "size", "accuracy"] = Field(
+        default="latency", description="What `best` means among the variants that meet the constraints."
+    )
+    batch_size: int | None = Field(
+        default=None, ge=1, description="Profiled batch size that counts; default: the first."
+    )
+    threads: int | None = Field(
+        default=None, ge=1, description="Profiled thread count that counts; default: the first."
+    )
+
+
+class Registry(StrictModel):
+    model_name: str = Field(min_length=1, description="Registered model name in the MLflow registry.")
+    alias: str = Field(
+        default="champion",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
+        description="Alias moved to the new version only if it beats the current holder.",
+    )
+    promote: bool = Field(default=True, description="Register the selected variant at all.")
+
+
+class PipelineSpec(StrictModel):
+    """One quantization pipeline: a model, its data, the variants to try and what `best` means."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Pipeline name (MLflow experiment name)."
+    )
+    description: str = Field(default="", description="Free text, logged with the run.")
+    model: OnnxModelSource = Field(description="The FP32 source model.")
+    preprocess: Preprocess = Field(default_factory=Preprocess, description="Before quantization.")
+    calibration: Calibration | None = Field(
+        default=None, description="Calibration data and method; required by static variants."
+    )
+    evaluation: Evaluation = Field(description="Evaluation data and metrics.")
+    variants: list[Variant] = Field(min_length=1, description="The variants to try.")
+    profiling: Profiling = Field(default_factory=Profiling, description="Latency measurement.")
+    selection: Selection = Field(default_factory=Selection, description="Constraints and objective.")
+    registry: Registry | None = Field(
+        default=None, description="Where the selected variant is registered; none: no registration."
+    )
+
+    KINDS: ClassVar[dict[str, type[VariantBase]]] = VARIANT_KINDS
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> PipelineSpec:
+        errors = []
+        metric_names = [metric.name for metric in self.evaluation.metrics]
+        if self.selection.metric is not None and self.selection.metric not in metric_names:
+            errors.append(
+                f"selection.metric {self.selection.metric!r} is not an evaluation metric "
+                f"({', '.join(metric_names)})"
+            )
+        if self.selection.batch_size is not None and self.selection.batch_size not in self.profiling.batch_sizes:
+            errors.append(
+                f"selection.batch_size {self.selection.batch_size} is not in profiling.batch_sizes"
+            )
+        if self.selection.threads is not None and self.selection.threads not in self.profiling.threads:
+            errors.append(f"selection.threads {self.selection.threads} is not in profiling.threads")
+        if self.calibration is None and any(
+            variant.kind == "static" or "calibration_method" in (variant.grid or {})
+            for variant in self.variants
+        ):
+            errors.append("static variants need a `calibration:` section")
+        names = [variant.name for variant in self.resolved_variants()]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            errors.append(
+                f"variant names must be unique, these repeat: {', '.join(map(str, duplicates))} "
+                "(give the variants a distinct `name:`)"
+            )
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def resolved_variants(self) -> list[VariantBase]:
+        """Grids expanded, names given, static calibration methods filled in from `calibration`."""
+        resolved = []
+        for variant in self.variants:
+            if isinstance(variant, StaticVariant) and variant.calibration_method is None and self.calibration:
+                variant = variant.model_copy(update={"calibration_method": self.calibration.method})
+            resolved.extend(variant.expand())
+        return resolved
+
+    @property
+    def selection_metric(self) -> Metric:
+        wanted = self.selection.metric or self.evaluation.metrics[0].name
+        return next(metric for metric in self.evaluation.metrics if metric.name == wanted)
+
+    @property
+    def selection_batch_size(self) -> int:
+        return self.selection.batch_size or self.profiling.batch_sizes[0]
+
+    @property
+    def selection_threads(self) -> int:
+        return self.selection.threads or self.profiling.threads[0]

@@ -1,0 +1,189 @@
+"""Read a spec file and report every problem at once, each with file:line, dotted path and a hint.
+
+PyYAML's node tree keeps line numbers; pydantic's error locations are walked down that tree to find
+the line of the offending key (or its closest existing parent).
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from flows.spec import VARIANT_KINDS, PipelineSpec
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    file: Path
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else str(self.file)
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class SpecError(Exception):
+    """The spec file cannot be used; `problems` lists every reason."""
+
+    def __init__(self, problems: list[SpecProblem]):
+        self.problems = problems
+        super().__init__("\n".join(str(problem) for problem in problems))
+
+
+def load_spec(file: Path, *, check_imports: bool = True) -> PipelineSpec:
+    """Parse and validate `file`; raise SpecError listing every problem."""
+    file = Path(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise SpecError([SpecProblem(file, None, "", f"cannot read spec: {error.strerror or error}")]) from error
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        line = mark.line + 1 if mark else None
+        reason = getattr(error, "problem", None) or str(error)
+        raise SpecError([SpecProblem(file, line, "", f"invalid YAML: {reason}")]) from error
+
+    problems = _duplicate_keys(file, root)
+    if not isinstance(data, dict):
+        problems.append(SpecProblem(file, 1, "", "expected a mapping of spec fields at the top level"))
+        raise SpecError(problems)
+    try:
+        spec = PipelineSpec.model_validate(
+            data, context={"base_dir": file.resolve().parent, "check_imports": check_imports}
+        )
+    except ValidationError as error:
+        problems.extend(_problem(file, root, detail) for detail in error.errors())
+        raise SpecError(problems) from None
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def _duplicate_keys(file: Path, node: yaml.Node | None, path: tuple = ()) -> list[SpecProblem]:
+    """PyYAML silently keeps the last of two equal keys; a spec that repeats one is wrong."""
+    problems: list[SpecProblem] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            if key.value in seen:
+                problems.append(
+                    SpecProblem(file, key.start_mark.line + 1, dotted((*path, key.value)), "duplicate key")
+                )
+            seen.add(key.value)
+            problems.extend(_duplicate_keys(file, value, (*path, key.value)))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            problems.extend(_duplicate_keys(file, item, (*path, index)))
+    return problems
+
+
+def _problem(file: Path, root: yaml.Node | None, detail: dict[str, Any]) -> SpecProblem:
+    location = _data_location(root, detail["loc"])
+    message = detail["msg"].removeprefix("Value error, ")
+    if detail["type"] == "extra_forbidden":
+        message = "unknown key"
+        owner = _model_at(detail["loc"][:-1])
+        if owner is not None:
+            known = [name for name in owner.model_fields if name != "model_config"]
+            close = difflib.get_close_matches(str(detail["loc"][-1]), known, n=1, cutoff=0.6)
+            message += f"; did you mean {close[0]!r}?" if close else f"; expected one of: {', '.join(known)}"
+    elif detail["type"] == "missing":
+        message = "required field is missing"
+    elif detail["type"] == "union_tag_invalid":
+        message = f"unknown kind {detail['input'].get('kind')!r}; expected one of: {', '.join(VARIANT_KINDS)}"
+        close = difflib.get_close_matches(str(detail["input"].get("kind")), list(VARIANT_KINDS), n=1)
+        if close:
+            message += f"; did you mean {close[0]!r}?"
+    elif detail["type"] not in {"value_error", "assertion_error"} and "input" in detail:
+        shown = detail["input"]
+        if not isinstance(shown, (dict, list)):
+            message += f" (got {shown!r})"
+    line = _line(root, location)
+    return SpecProblem(file, line, dotted(location), message)
+
+
+def _data_location(root: yaml.Node | None, loc: tuple) -> tuple:
+    """Drop the parts of a pydantic location that are not in the data (discriminator tags)."""
+    location: list = []
+    node = root
+    for part in loc:
+        child = _child(node, part)
+        if child is None and isinstance(part, str) and part in VARIANT_KINDS and isinstance(node, yaml.MappingNode):
+            continue  # the union tag pydantic inserts after a list index
+        location.append(part)
+        node = child
+    return tuple(location)
+
+
+def _child(node: yaml.Node | None, part: Any) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if key.value == str(part):
+                return value
+    if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+        return node.value[part]
+    return None
+
+
+def _line(root: yaml.Node | None, location: tuple) -> int | None:
+    """Line of the deepest key found; a missing field points at the mapping that should hold it."""
+    node = root
+    line = root.start_mark.line + 1 if root is not None else None
+    for part in location:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((key, value) for key, value in node.value if key.value == str(part)), None)
+            if match is None:
+                return line
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The spec model class that owns the mapping at pydantic location `loc`."""
+    owner: type[BaseModel] | None = PipelineSpec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if part in VARIANT_KINDS:
+            owner = VARIANT_KINDS[part]
+        elif owner is not None and part in owner.model_fields:
+            owner = _inner_model(owner.model_fields[part].annotation)
+        else:
+            return None
+    return owner
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _inner_model(typing.get_args(annotation)[0])
+    if origin in (list, typing.Union, types.UnionType):
+        models = [model for arg in typing.get_args(annotation) if (model := _inner_model(arg))]
+        return models[0] if len(models) == 1 else None
+    return None
+
+
+def dotted(location: tuple) -> str:
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text

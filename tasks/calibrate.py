@@ -1,0 +1,84 @@
+"""Activation ranges, computed once per calibration method and reused by every static variant.
+
+ORT's `quantize_static` would calibrate again for each variant; instead the ranges are written with
+`save_tensors_data` and each variant passes the file as `calibration_cache_path`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
+from onnxruntime.quantization.calibrate import save_tensors_data
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+from flows.spec import Calibration
+from tasks.data import Dataset
+from tasks.model import private_link
+
+ORT_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+    "distribution": CalibrationMethod.Distribution,
+}
+# Calibrate every tensor any variant might quantize; each variant then picks what it needs.
+ALL_QUANTIZABLE_OPS = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+
+
+@dataclass(frozen=True)
+class CalibrationRanges:
+    method: str
+    path: Path  # ORT calibration cache (JSON)
+    samples: int
+    tensors: int
+    seconds: float
+
+
+class CalibrationError(RuntimeError):
+    pass
+
+
+class _BatchReader(CalibrationDataReader):
+    def __init__(self, dataset: Dataset):
+        self._batches = iter(dataset.batches)
+
+    def get_next(self):
+        batch = next(self._batches, None)
+        return None if batch is None else batch.inputs
+
+
+def calibrate(model: Path, dataset: Dataset, method: str, options: Calibration, out: Path) -> CalibrationRanges:
+    """Compute activation ranges of `model` on `dataset` with `method` and save them to `out`."""
+    started = time.perf_counter()
+    extra_options = {"symmetric": options.symmetric}
+    if method == "percentile":
+        extra_options["percentile"] = options.percentile
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="int8flow-calib-") as scratch:
+            calibrator = create_calibrator(
+                private_link(model, Path(scratch) / "model"),
+                ALL_QUANTIZABLE_OPS,
+                augmented_model_path=str(Path(scratch) / "augmented.onnx"),
+                calibrate_method=ORT_METHODS[method],
+                use_external_data_format=True,
+                providers=["CPUExecutionProvider"],
+                extra_options=extra_options,
+            )
+            calibrator.collect_data(_BatchReader(dataset))
+            ranges = calibrator.compute_data()
+            del calibrator
+    except Exception as error:
+        raise CalibrationError(f"{method} calibration failed: {type(error).__name__}: {error}") from error
+    save_tensors_data(ranges, out)
+    return CalibrationRanges(
+        method=method,
+        path=out,
+        samples=dataset.samples,
+        tensors=len(ranges.data),
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,163 @@
+"""Calibration and evaluation data: `.npz`, a folder of `.npz`/`.npy`, or a `module:function`.
+
+Everything becomes a `Dataset`: a list of batches (input name -> array, optional labels) cast to the
+model's input dtypes, plus a fingerprint so two runs can tell whether they saw the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flows.spec import DataSource, resolve_callable
+
+LABELS_KEY = "labels"
+
+
+class DataError(ValueError):
+    """The data source does not fit the model (missing input, wrong type, unreadable file)."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    batches: tuple[Batch, ...]
+    fingerprint: str
+
+    @property
+    def samples(self) -> int:
+        return sum(batch.size for batch in self.batches)
+
+    @property
+    def has_labels(self) -> bool:
+        return all(batch.labels is not None for batch in self.batches)
+
+    def labels(self) -> np.ndarray | None:
+        return np.concatenate([batch.labels for batch in self.batches]) if self.has_labels else None
+
+
+def load_dataset(
+    source: DataSource, input_dtypes: dict[str, np.dtype], *, max_samples: int | None = None, base_dir: Path | None = None
+) -> Dataset:
+    """Read `source` into batches for a model whose inputs are `input_dtypes` (name -> dtype)."""
+    limit = min(filter(None, (source.limit, max_samples)), default=None)
+    if source.callable is not None:
+        raw = _from_callable(source.callable, base_dir)
+    elif source.path is not None and source.path.is_dir():
+        raw = _from_folder(source.path, list(input_dtypes), source.batch_size)
+    elif source.path is not None:
+        raw = _split(_read_npz(source.path), source.batch_size)
+    else:  # the spec guarantees one of the two
+        raise DataError("data source has neither path nor callable")
+    batches = tuple(_truncate((_checked(batch, input_dtypes) for batch in raw), limit))
+    if not batches:
+        raise DataError(f"data source {source.path or source.callable} gave no samples")
+    return Dataset(batches=batches, fingerprint=fingerprint(batches))
+
+
+def fingerprint(batches: Iterable[Batch]) -> str:
+    digest = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch.inputs):
+            array = np.ascontiguousarray(batch.inputs[name])
+            digest.update(f"{name}|{array.dtype}|{array.shape}".encode())
+            digest.update(array.tobytes())
+        if batch.labels is not None:
+            digest.update(np.ascontiguousarray(batch.labels).tobytes())
+    return digest.hexdigest()
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read {path}: {error}") from error
+
+
+def _split(arrays: dict[str, np.ndarray], batch_size: int) -> list[Batch]:
+    labels = arrays.pop(LABELS_KEY, None)
+    if not arrays:
+        raise DataError("no input arrays (only labels) in the data file")
+    count = len(next(iter(arrays.values())))
+    if any(len(array) != count for array in arrays.values()) or (labels is not None and len(labels) != count):
+        raise DataError("arrays in one data file must share their first (sample) axis length")
+    return [
+        Batch(
+            inputs={name: array[start : start + batch_size] for name, array in arrays.items()},
+            labels=None if labels is None else labels[start : start + batch_size],
+        )
+        for start in range(0, count, batch_size)
+    ]
+
+
+def _from_folder(folder: Path, input_names: list[str], batch_size: int) -> list[Batch]:
+    files = sorted(path for path in folder.iterdir() if path.suffix in {".npz", ".npy"})
+    if not files:
+        raise DataError(f"no .npz or .npy files in {folder}")
+    batches: list[Batch] = []
+    for path in files:
+        if path.suffix == ".npz":
+            batches.extend(_split(_read_npz(path), batch_size))
+        elif len(input_names) != 1:
+            raise DataError(f"{path.name}: a .npy file can only feed a single-input model, inputs: {input_names}")
+        else:
+            batches.extend(_split({input_names[0]: np.load(path, allow_pickle=False)}, batch_size))
+    return batches
+
+
+def _from_callable(reference: str, base_dir: Path | None) -> Iterable[Batch]:
+    try:
+        items = resolve_callable(reference, base_dir)()
+    except ValueError:
+        raise
+    except Exception as error:
+        raise DataError(f"{reference} raised {type(error).__name__}: {error}") from error
+    for item in items:
+        if isinstance(item, tuple) and len(item) == 2:
+            inputs, labels = item
+            yield Batch(inputs=dict(inputs), labels=None if labels is None else np.asarray(labels))
+        elif isinstance(item, dict):
+            yield Batch(inputs=dict(item))
+        else:
+            raise DataError(f"{reference} must yield input dicts or (inputs, labels) pairs, got {type(item).__name__}")
+
+
+def _checked(batch: Batch, input_dtypes: dict[str, np.dtype]) -> Batch:
+    missing = sorted(set(input_dtypes) - set(batch.inputs))
+    unknown = sorted(set(batch.inputs) - set(input_dtypes))
+    if missing or unknown:
+        raise DataError(
+            f"data does not match the model inputs {sorted(input_dtypes)}: "
+            f"missing {missing or 'none'}, unknown {unknown or 'none'}"
+        )
+    inputs = {name: np.asarray(batch.inputs[name]).astype(input_dtypes[name], copy=False) for name in input_dtypes}
+    return Batch(inputs=inputs, labels=batch.labels)
+
+
+def _truncate(batches: Iterable[Batch], limit: int | None) -> Iterable[Batch]:
+    taken = 0
+    for batch in batches:
+        if limit is not None and taken + batch.size > limit:
+            keep = limit - taken
+            if keep > 0:
+                yield Batch(
+                    inputs={name: array[:keep] for name, array in batch.inputs.items()},
+                    labels=None if batch.labels is None else batch.labels[:keep],
+                )
+            return
+        taken += batch.size
+        yield batch

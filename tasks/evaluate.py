@@ -1,0 +1,123 @@
+"""Run a model over the evaluation data and score it against labels and against FP32 outputs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from flows.spec import Metric, resolve_callable
+from tasks.data import Dataset
+
+
+class EvaluationError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    """The evaluated output of every batch, in dataset order."""
+
+    output_name: str
+    batches: tuple[np.ndarray, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, float]
+    samples: int
+    seconds: float
+
+
+def session(model: Path, threads: int) -> ort.InferenceSession:
+    """An ORT CPU session; the FP32 baseline and every variant get exactly these options."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # ORT's warnings about unused initializers are noise here
+    return ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def run_model(model: Path, dataset: Dataset, output: str | None = None, threads: int = 1) -> ModelOutputs:
+    started = time.perf_counter()
+    try:
+        runner = session(model, threads)
+    except Exception as error:
+        raise EvaluationError(f"ONNX Runtime cannot load the model: {error}") from error
+    names = [value.name for value in runner.get_outputs()]
+    output_name = output or names[0]
+    if output_name not in names:
+        raise EvaluationError(f"model has no output {output_name!r}; outputs: {names}")
+    try:
+        batches = tuple(np.asarray(runner.run([output_name], batch.inputs)[0]) for batch in dataset.batches)
+    except Exception as error:
+        raise EvaluationError(f"inference failed: {error}") from error
+    return ModelOutputs(output_name=output_name, batches=batches, seconds=time.perf_counter() - started)
+
+
+def evaluate(
+    outputs: ModelOutputs, reference: ModelOutputs, dataset: Dataset, metrics: Sequence[Metric]
+) -> Evaluation:
+    """Score `outputs` with each metric; `reference` are the FP32 model's outputs on the same data."""
+    started = time.perf_counter()
+    scores: dict[str, float] = {}
+    candidate = [batch.astype(np.float64) for batch in outputs.batches]
+    baseline = [batch.astype(np.float64) for batch in reference.batches]
+    for metric in metrics:
+        if metric.function is not None:
+            scores[metric.name] = _user_metric(metric, outputs, reference, dataset)
+        elif metric.name == "top1":
+            scores["top1"] = top1(candidate, dataset)
+        elif metric.name == "cosine":
+            similarity = cosine_per_sample(candidate, baseline)
+            scores["cosine"] = float(similarity.mean())
+            scores["cosine_min"] = float(similarity.min())
+        elif metric.name == "mae":
+            scores["mae"] = float(np.mean(np.abs(_flat(candidate) - _flat(baseline))))
+        elif metric.name == "mre":
+            scores["mre"] = float(np.sum(np.abs(_flat(candidate) - _flat(baseline))) / max(np.sum(np.abs(_flat(baseline))), 1e-12))
+    return Evaluation(metrics=scores, samples=dataset.samples, seconds=time.perf_counter() - started)
+
+
+def top1(outputs: list[np.ndarray], dataset: Dataset) -> float:
+    labels = dataset.labels()
+    if labels is None:
+        raise EvaluationError("metric top1 needs labels, and the evaluation data has none")
+    predicted = np.concatenate([np.argmax(batch.reshape(len(batch), -1), axis=-1) for batch in outputs])
+    if len(predicted) != len(labels):
+        raise EvaluationError(f"{len(predicted)} predictions for {len(labels)} labels")
+    return float(np.mean(predicted == labels.reshape(-1)))
+
+
+def cosine_per_sample(outputs: list[np.ndarray], reference: list[np.ndarray]) -> np.ndarray:
+    candidate = np.concatenate([batch.reshape(len(batch), -1) for batch in outputs])
+    baseline = np.concatenate([batch.reshape(len(batch), -1) for batch in reference])
+    norms = np.linalg.norm(candidate, axis=1) * np.linalg.norm(baseline, axis=1)
+    return np.sum(candidate * baseline, axis=1) / np.maximum(norms, 1e-12)
+
+
+def _flat(batches: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([batch.reshape(-1) for batch in batches])
+
+
+def _user_metric(metric: Metric, outputs: ModelOutputs, reference: ModelOutputs, dataset: Dataset) -> float:
+    function = resolve_callable(str(metric.function))
+    try:
+        return float(function(list(outputs.batches), list(reference.batches), dataset.labels()))
+    except Exception as error:
+        raise EvaluationError(f"metric {metric.name} ({metric.function}) raised {type(error).__name__}: {error}") from error
+
+
+def evaluate_model(
+    model: Path, dataset: Dataset, reference: ModelOutputs, metrics: Sequence[Metric], output: str | None = None
+) -> Evaluation:
+    """Run `model` on `dataset` and score it against labels and the FP32 `reference` outputs."""
+    outputs = run_model(model, dataset, output or reference.output_name)
+    return evaluate(outputs, reference, dataset, metrics)

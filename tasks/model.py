@@ -1,0 +1,104 @@
+"""Facts about an ONNX model file: content hash, size, opset, inputs and outputs."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int | str | None, ...]  # ints, symbolic names, or None when unknown
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    sha256: str
+    size_bytes: int
+    opset: int
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+    @property
+    def input_dtypes(self) -> dict[str, np.dtype]:
+        return {tensor.name: np.dtype(tensor.dtype) for tensor in self.inputs}
+
+
+def model_files(path: Path) -> list[Path]:
+    """The .onnx file and the external-data files it references (sizes and hashes cover both)."""
+    model = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for tensor in _all_initializers(model.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    return [path, *(path.parent / location for location in sorted(locations))]
+
+
+def _all_initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_initializers(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_initializers(subgraph)
+
+
+def file_sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_size_bytes(path: Path) -> int:
+    return sum(file.stat().st_size for file in model_files(path))
+
+
+def inspect_model(path: Path) -> ModelInfo:
+    model = onnx.load(str(path), load_external_data=False)
+    initializer_names = {tensor.name for tensor in model.graph.initializer}
+    files = model_files(path)
+    default_opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
+    return ModelInfo(
+        path=path,
+        sha256=file_sha256(files),
+        size_bytes=sum(file.stat().st_size for file in files),
+        opset=default_opset,
+        inputs=tuple(_tensor(value) for value in model.graph.input if value.name not in initializer_names),
+        outputs=tuple(_tensor(value) for value in model.graph.output),
+    )
+
+
+def _tensor(value: onnx.ValueInfoProto) -> TensorInfo:
+    tensor_type = value.type.tensor_type
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+    shape = tuple(
+        dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None) for dim in tensor_type.shape.dim
+    )
+    return TensorInfo(name=value.name, dtype=dtype, shape=shape)
+
+
+def private_link(model: Path, directory: Path) -> Path:
+    """Symlink `model` (and its external data) into `directory`.
+
+    ORT's quantizers write `<name>-inferred.onnx` beside the model they read, so two variants
+    quantized at once from the same file would overwrite each other's scratch file.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for file in model_files(model):
+        link = directory / file.name
+        if not link.exists():
+            link.symlink_to(file.resolve())
+    return directory / model.name

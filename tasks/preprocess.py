@@ -1,0 +1,60 @@
+"""Prepare the FP32 model for quantization with ONNX Runtime's `quant_pre_process`."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from flows.spec import Preprocess
+
+# quant_pre_process writes scratch files into the current directory, so it runs from a temp dir;
+# the working directory is process-wide, hence the lock.
+_CWD_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class PreprocessedModel:
+    path: Path
+    symbolic_shape_inference: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def preprocess(model: Path, options: Preprocess, out: Path) -> PreprocessedModel:
+    """Write the pre-processed model to `out`; fall back to no symbolic shape inference if it fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not options.quant_pre_process:
+        _copy_model(model, out)
+        return PreprocessedModel(out, symbolic_shape_inference=False, notes=["pre-processing disabled in the spec"])
+    try:
+        _run(model, out, options, skip_symbolic_shape=False)
+        return PreprocessedModel(out, symbolic_shape_inference=True)
+    except Exception as error:  # ORT raises bare Exceptions here ("Incomplete symbolic shape inference")
+        first_error = f"{type(error).__name__}: {error}"
+    _run(model, out, options, skip_symbolic_shape=True)
+    note = f"symbolic shape inference failed ({first_error.splitlines()[0]}); pre-processed without it"
+    return PreprocessedModel(out, symbolic_shape_inference=False, notes=[note])
+
+
+def _run(model: Path, out: Path, options: Preprocess, *, skip_symbolic_shape: bool) -> None:
+    with _CWD_LOCK, tempfile.TemporaryDirectory(prefix="int8flow-pre-") as scratch, contextlib.chdir(scratch):
+        quant_pre_process(
+            str(model),
+            str(out),
+            skip_optimization=options.skip_optimization,
+            skip_symbolic_shape=skip_symbolic_shape,
+            auto_merge=True,
+        )
+
+
+def _copy_model(model: Path, out: Path) -> None:
+    from tasks.model import model_files
+
+    for file in model_files(model):
+        target = out if file == model else out.parent / file.name
+        shutil.copyfile(file, target)

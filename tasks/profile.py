@@ -1,0 +1,106 @@
+"""Latency of a candidate against the FP32 baseline, timed interleaved in one process.
+
+Both models get the same session options, thread count and input feed; each timed iteration runs
+both, alternating which goes first, so drift of a noisy machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.data import Dataset
+from tasks.evaluate import session
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    throughput: float  # samples per second at this batch size
+    runs: int
+
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        return {
+            f"{prefix}_p50_ms": self.p50_ms,
+            f"{prefix}_p90_ms": self.p90_ms,
+            f"{prefix}_p99_ms": self.p99_ms,
+            f"{prefix}_throughput": self.throughput,
+        }
+
+
+@dataclass(frozen=True)
+class PairProfile:
+    batch_size: int
+    threads: int
+    baseline: LatencyStats
+    candidate: LatencyStats
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline.p50_ms / self.candidate.p50_ms
+
+    @property
+    def key(self) -> str:
+        return f"b{self.batch_size}_t{self.threads}"
+
+
+def input_feed(dataset: Dataset, batch_size: int) -> dict[str, np.ndarray]:
+    """A batch of `batch_size` real evaluation samples (repeated if the data has fewer)."""
+    first = dataset.batches[0]
+    indices = np.arange(batch_size) % first.size
+    return {name: np.ascontiguousarray(array[indices]) for name, array in first.inputs.items()}
+
+
+def stats(samples_ns: list[int], batch_size: int) -> LatencyStats:
+    milliseconds = np.asarray(samples_ns, dtype=np.float64) / 1e6
+    p50, p90, p99 = np.percentile(milliseconds, [50, 90, 99])
+    return LatencyStats(
+        p50_ms=float(p50),
+        p90_ms=float(p90),
+        p99_ms=float(p99),
+        mean_ms=float(milliseconds.mean()),
+        throughput=float(batch_size * 1000.0 / milliseconds.mean()),
+        runs=len(samples_ns),
+    )
+
+
+def profile_pair(
+    baseline: Path, candidate: Path, feed: dict[str, np.ndarray], threads: int, warmup: int, runs: int
+) -> PairProfile:
+    """Time `baseline` and `candidate` alternately on the same `feed` with the same options."""
+    sessions = (session(baseline, threads), session(candidate, threads))
+    for _ in range(warmup):
+        for runner in sessions:
+            runner.run(None, feed)
+    timings: tuple[list[int], list[int]] = ([], [])
+    for iteration in range(runs):
+        order = (0, 1) if iteration % 2 == 0 else (1, 0)
+        for index in order:
+            started = time.perf_counter_ns()
+            sessions[index].run(None, feed)
+            timings[index].append(time.perf_counter_ns() - started)
+    batch_size = len(next(iter(feed.values())))
+    return PairProfile(
+        batch_size=batch_size,
+        threads=threads,
+        baseline=stats(timings[0], batch_size),
+        candidate=stats(timings[1], batch_size),
+    )
+
+
+def profile_single(model: Path, feed: dict[str, np.ndarray], threads: int, warmup: int, runs: int) -> LatencyStats:
+    runner = session(model, threads)
+    for _ in range(warmup):
+        runner.run(None, feed)
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter_ns()
+        runner.run(None, feed)
+        timings.append(time.perf_counter_ns() - started)
+    return stats(timings, len(next(iter(feed.values()))))

@@ -1,0 +1,144 @@
+"""Quantize a pre-processed FP32 model into one variant. One function per kind, one registry.
+
+Each function writes the variant to `out` and raises QuantizationError carrying ORT's own message
+when the quantizer fails, so the flow can record it on the variant's run and go on with the others.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+from flows.spec import DynamicVariant, Fp16Variant, StaticVariant, VariantBase, WeightOnlyInt4Variant
+from tasks.calibrate import ALL_QUANTIZABLE_OPS, ORT_METHODS, CalibrationRanges
+import tempfile
+
+from tasks.model import model_size_bytes, private_link
+
+
+class QuantizationError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    variant: str
+    path: Path
+    size_bytes: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def quantize(
+    model: Path, variant: VariantBase, ranges: Mapping[str, CalibrationRanges], out: Path
+) -> QuantizedModel:
+    """Write `variant` of `model` to `out`, using precomputed calibration `ranges` (by method)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="int8flow-quant-") as scratch:
+            source = private_link(model, Path(scratch))
+            notes = QUANTIZERS[variant.kind].function(source, variant, ranges, out)  # type: ignore[attr-defined]
+    except QuantizationError:
+        raise
+    except Exception as error:
+        raise QuantizationError(f"{type(error).__name__}: {error}") from error
+    return QuantizedModel(
+        variant=str(variant.name),
+        path=out,
+        size_bytes=model_size_bytes(out),
+        seconds=time.perf_counter() - started,
+        notes=notes or [],
+    )
+
+
+def _dynamic(model: Path, variant: DynamicVariant, ranges, out: Path) -> list[str]:
+    quantize_dynamic(
+        model,
+        out,
+        op_types_to_quantize=variant.op_types,
+        per_channel=variant.per_channel,
+        reduce_range=variant.reduce_range,
+        weight_type=QuantType[variant.weight_type],
+        nodes_to_exclude=variant.nodes_to_exclude,
+        use_external_data_format=False,
+        extra_options=dict(variant.extra_options),
+    )
+    return []
+
+
+def _static(model: Path, variant: StaticVariant, ranges: Mapping[str, CalibrationRanges], out: Path) -> list[str]:
+    method = variant.calibration_method
+    if method not in ranges:
+        raise QuantizationError(f"no {method} calibration ranges were computed for this variant")
+    op_types = [op for op in (variant.op_types or ALL_QUANTIZABLE_OPS) if op not in variant.op_types_to_exclude]
+    quantize_static(
+        model,
+        out,
+        calibration_data_reader=None,
+        calibration_cache_path=ranges[method].path,
+        quant_format=QuantFormat[variant.format],
+        op_types_to_quantize=op_types,
+        per_channel=variant.per_channel,
+        reduce_range=variant.reduce_range,
+        activation_type=QuantType[variant.activation_type],
+        weight_type=QuantType[variant.weight_type],
+        nodes_to_exclude=list(variant.nodes_to_exclude),
+        calibrate_method=ORT_METHODS[method],
+        extra_options=dict(variant.extra_options),
+    )
+    return [f"ranges from the shared {method} calibration ({ranges[method].samples} samples)"]
+
+
+def _weight_only_int4(model: Path, variant: WeightOnlyInt4Variant, ranges, out: Path) -> list[str]:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(model)),
+        bits=4,
+        block_size=variant.block_size,
+        is_symmetric=variant.symmetric,
+        accuracy_level=variant.accuracy_level,
+        nodes_to_exclude=list(variant.nodes_to_exclude),
+        op_types_to_quantize=tuple(variant.op_types),
+    )
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+    converted = sum(node.op_type in ("MatMulNBits", "GatherBlockQuantized") for node in quantizer.model.model.graph.node)
+    if converted == 0:
+        raise QuantizationError(
+            f"no {'/'.join(variant.op_types)} weight could be quantized to int4 "
+            f"(needs constant weights whose rows are a multiple of the block size {variant.block_size})"
+        )
+    return []
+
+
+def _fp16(model: Path, variant: Fp16Variant, ranges, out: Path) -> list[str]:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    converted = convert_float_to_float16(
+        onnx.load(str(model)), keep_io_types=variant.keep_io_types, op_block_list=variant.op_block_list
+    )
+    onnx.save(converted, str(out))
+    return []
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    function: Callable[..., list[str]]
+    # quant_pre_process fuses MatMul+Add into Gemm, which the int4 quantizer does not handle and
+    # fp16 does not need: those kinds start from the FP32 model as given.
+    wants_preprocessed: bool
+
+
+QUANTIZERS: dict[str, Quantizer] = {
+    "dynamic": Quantizer(_dynamic, wants_preprocessed=True),
+    "static": Quantizer(_static, wants_preprocessed=True),
+    "weight_only_int4": Quantizer(_weight_only_int4, wants_preprocessed=False),
+    "fp16": Quantizer(_fp16, wants_preprocessed=False),
+}

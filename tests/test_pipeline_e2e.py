@@ -1,0 +1,137 @@
+"""The real flow end to end: ephemeral Prefect, MLflow on a temp SQLite store, real ORT sessions."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+pytestmark = pytest.mark.e2e
+runner = CliRunner()
+
+
+def spec_file(directory: Path, digits_model, **overrides: str) -> Path:
+    sections = {
+        "selection": "selection: {metric: top1, max_drop: 0.02, min_speedup: 0.0, objective: size}",
+        "registry": "registry: {model_name: digits-mlp}",
+    } | overrides
+    text = textwrap.dedent(
+        f"""\
+        name: digits-e2e
+        model: {{source: onnx, path: {digits_model.model}}}
+        calibration: {{data: {{path: {digits_model.calibration}}}, method: minmax, samples: 64}}
+        evaluation:
+          data: {{path: {digits_model.evaluation}, batch_size: 64}}
+          metrics: [top1, cosine, mae]
+        variants:
+          - kind: dynamic
+            grid: {{per_channel: [false, true]}}
+          - kind: static
+            per_channel: true
+          - kind: fp16
+          - kind: static
+            name: deliberately-broken
+            format: QOperator
+            activation_type: QInt8
+            weight_type: QUInt8
+        profiling: {{batch_sizes: [1, 16], threads: [1], warmup: 2, runs: 10}}
+        """
+    ) + "\n".join(sections.values()) + "\n"
+    path = directory / "digits.yaml"
+    path.write_text(text)
+    return path
+
+
+def runs_of(client: MlflowClient, experiment_name: str):
+    experiment = client.get_experiment_by_name(experiment_name)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def test_pipeline_logs_every_variant_registers_and_promotes_once(tmp_path, digits_model, mlflow_store):
+    path = spec_file(tmp_path, digits_model)
+
+    # when the pipeline runs through the CLI
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(mlflow_store)
+
+    # then one parent run with the baseline, the environment and the summary
+    parents, children = runs_of(client, "digits-e2e")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["fp32.top1"] == pytest.approx(digits_model.fp32_top1)
+    assert {"fp32.b1_t1_p50_ms", "fp32.b16_t1_p99_ms", "variants_failed"} <= set(parent.data.metrics)
+    assert parent.data.metrics["variants_failed"] == 1
+    tags = parent.data.tags
+    assert len(tags["int8flow.source_sha256"]) == 64 and tags["int8flow.onnxruntime_version"]
+    assert tags["int8flow.cpu.avx2"] in ("true", "false")
+    assert parent.data.params["spec.variants.0.name"] == "dynamic-qint8-per-tensor"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert artifacts == {"summary/variants.csv", "summary/accuracy_vs_latency.png"}
+
+    # and one nested run per variant; the broken one FAILED with its error, the rest finished
+    by_name = {run.info.run_name: run for run in children}
+    assert set(by_name) == {
+        "dynamic-qint8-per-tensor", "dynamic-qint8-per-channel", "static-qdq-u8s8-per-channel-minmax",
+        "fp16", "deliberately-broken",
+    }
+    broken = by_name.pop("deliberately-broken")
+    assert broken.info.status == "FAILED"
+    assert "doesn't support data format" in broken.data.tags["int8flow.error"]
+    for name, run in by_name.items():
+        assert run.info.status == "FINISHED", name
+        metrics = run.data.metrics
+        assert {"top1", "top1_drop", "cosine", "mae", "b1_t1_p50_ms", "b16_t1_p90_ms", "b1_t1_speedup", "size_mb", "compression_ratio"} <= set(metrics)
+        assert client.list_artifacts(run.info.run_id, "quantized")
+    assert by_name["static-qdq-u8s8-per-channel-minmax"].data.metrics["ops.total"] >= 2
+    assert by_name["dynamic-qint8-per-channel"].data.params["per_channel"] == "true"
+
+    # the smallest eligible variant is selected, registered, and holds the alias
+    selected = [run for run in by_name.values() if run.data.tags["int8flow.selected"] == "true"]
+    assert len(selected) == 1
+    assert tags["int8flow.selected"] == selected[0].info.run_name
+    versions = client.search_model_versions("name='digits-mlp'")
+    assert len(versions) == 1 and versions[0].run_id == selected[0].info.run_id
+    champion = client.get_model_version_by_alias("digits-mlp", "champion")
+    assert champion.version == versions[0].version
+
+    # when the same spec runs again on the same model, no identical version is added
+    again = runner.invoke(app, ["run", str(path)])
+    assert again.exit_code == 0, again.output
+    assert len(client.search_model_versions("name='digits-mlp'")) == 1
+    assert client.get_model_version_by_alias("digits-mlp", "champion").version == champion.version
+    parents, _ = runs_of(client, "digits-e2e")
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+
+
+def test_nothing_promoted_when_no_variant_meets_constraints(tmp_path, digits_model, mlflow_store):
+    impossible = "selection: {metric: top1, max_drop: 0.0, min_speedup: 50.0}"
+    result = runner.invoke(app, ["run", str(spec_file(tmp_path, digits_model, selection=impossible))])
+    assert result.exit_code == 0, result.output
+    assert "none meets the constraints" in result.output and "nothing promoted" in result.output
+    client = MlflowClient(mlflow_store)
+    parents, children = runs_of(client, "digits-e2e")
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["int8flow.selected"] == "none"
+    assert all(run.data.tags["int8flow.selected"] == "false" for run in children)
+    verdicts = {run.info.run_name: run.data.tags["int8flow.verdict"] for run in children}
+    assert verdicts.pop("deliberately-broken").startswith("failed: quantize")
+    assert all("speed-up" in verdict and "< min_speedup 50x" in verdict for verdict in verdicts.values())
+    assert client.search_registered_models() == []
+
+
+def test_bad_spec_exits_2_and_writes_nothing(tmp_path, digits_model, mlflow_store):
+    path = spec_file(tmp_path, digits_model)
+    path.write_text(path.read_text().replace("per_channel: true", "per_channel: sometimes"))
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2
+    assert f"{path}:11: variants[1].per_channel" in result.output
+    assert not (tmp_path / "mlflow.db").exists()

@@ -1,0 +1,142 @@
+"""Each stage on its own, on a real model with real ONNX Runtime sessions and nothing but a temp dir."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from flows.spec import Calibration, DataSource, DynamicVariant, Fp16Variant, Metric, Preprocess, Selection, StaticVariant, WeightOnlyInt4Variant
+from tasks.calibrate import calibrate
+from tasks.data import load_dataset
+from tasks.evaluate import evaluate, evaluate_model, run_model
+from tasks.graph import quantized_op_counts
+from tasks.model import inspect_model
+from tasks.preprocess import preprocess
+from tasks.profile import input_feed, profile_pair
+from tasks.quantize import QuantizationError, quantize
+from tasks.select import Candidate, beats_holder, pareto_front, select
+
+METRICS = [Metric(name="top1"), Metric(name="cosine"), Metric(name="mae")]
+
+
+@pytest.fixture(scope="module")
+def prepared(digits_model, tmp_path_factory):
+    work = tmp_path_factory.mktemp("stages")
+    info = inspect_model(digits_model.model)
+    pre = preprocess(digits_model.model, Preprocess(), work / "pre" / "model.onnx")
+    evaluation = load_dataset(DataSource(path=digits_model.evaluation, batch_size=64), info.input_dtypes)
+    calibration = load_dataset(DataSource(path=digits_model.calibration, batch_size=32), info.input_dtypes)
+    reference = run_model(digits_model.model, evaluation)
+    return info, pre, evaluation, calibration, reference, work
+
+
+def test_inspect_model_reports_io_and_hash(digits_model):
+    info = inspect_model(digits_model.model)
+    assert [t.name for t in info.inputs] == ["pixels"] and info.inputs[0].shape == ("batch", 64)
+    assert info.opset == 17 and len(info.sha256) == 64 and info.size_bytes == digits_model.model.stat().st_size
+
+
+def test_fp32_evaluation_matches_the_fitted_model(prepared, digits_model):
+    info, pre, evaluation, _, reference, _ = prepared
+    scores = evaluate(reference, reference, evaluation, METRICS).metrics
+    assert scores["top1"] == pytest.approx(digits_model.fp32_top1)
+    assert scores["cosine"] == pytest.approx(1.0) and scores["mae"] == 0.0
+
+
+def test_calibration_once_is_reused_by_static_variants(prepared):
+    info, pre, evaluation, calibration, reference, work = prepared
+    ranges = calibrate(pre.path, calibration, "minmax", Calibration(data=DataSource(path=pre.path)), work / "minmax.json")
+    cached = json.loads(ranges.path.read_text())
+    assert ranges.samples == 128 and ranges.tensors > 0 and cached
+    # given ranges computed once, when two static variants quantize, then neither calibrates again:
+    # ORT receives no data reader at all, only the cache file.
+    for per_channel in (False, True):
+        variant = StaticVariant(kind="static", name=f"s{per_channel}", per_channel=per_channel, calibration_method="minmax")
+        result = quantize(pre.path, variant, {"minmax": ranges}, work / f"static{per_channel}" / "model.onnx")
+        counts = quantized_op_counts(result.path)
+        assert counts["total"] >= 2, counts  # both dense layers quantized
+        scores = evaluate_model(result.path, evaluation, reference, METRICS).metrics
+        assert scores["top1"] > 0.9 and scores["cosine"] > 0.99
+
+
+def test_static_without_ranges_for_its_method_fails_clearly(prepared):
+    info, pre, *_, work = prepared
+    variant = StaticVariant(kind="static", name="s", calibration_method="entropy")
+    with pytest.raises(QuantizationError, match="no entropy calibration ranges"):
+        quantize(pre.path, variant, {}, work / "nope" / "model.onnx")
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected_ops", "max_top1_drop"),
+    [
+        (DynamicVariant(kind="dynamic", name="d"), {"MatMulInteger", "DynamicQuantizeLinear"}, 0.02),
+        (DynamicVariant(kind="dynamic", name="dpc", per_channel=True), {"MatMulInteger", "DynamicQuantizeLinear"}, 0.02),
+        # 4-bit weights cost this small network ~7 points (0.976 -> 0.907): int4 is for big MatMuls
+        (WeightOnlyInt4Variant(kind="weight_only_int4", name="w4"), {"MatMulNBits"}, 0.10),
+    ],
+)
+def test_weight_quantizing_kinds_write_integer_ops(prepared, digits_model, variant, expected_ops, max_top1_drop):
+    info, pre, evaluation, _, reference, work = prepared
+    source = pre.path if variant.kind == "dynamic" else digits_model.model
+    result = quantize(source, variant, {}, work / variant.name / "model.onnx")
+    graph_ops = {node.op_type for node in onnx.load(str(result.path)).graph.node}
+    assert expected_ops <= graph_ops, graph_ops
+    assert "MatMul" not in graph_ops  # every weight MatMul was converted
+    assert result.size_bytes < info.size_bytes / 2.5
+    scores = evaluate_model(result.path, evaluation, reference, METRICS).metrics
+    assert scores["top1"] >= digits_model.fp32_top1 - max_top1_drop
+
+
+def test_fp16_halves_the_weights_and_keeps_float32_io(prepared, digits_model):
+    info, _, evaluation, _, reference, work = prepared
+    result = quantize(digits_model.model, Fp16Variant(kind="fp16", name="h"), {}, work / "fp16" / "model.onnx")
+    assert result.size_bytes < info.size_bytes * 0.6
+    assert inspect_model(result.path).inputs[0].dtype == "float32"
+    assert evaluate_model(result.path, evaluation, reference, METRICS).metrics["cosine"] > 0.9999
+
+
+def test_profile_pair_interleaves_same_feed(prepared, digits_model):
+    info, pre, evaluation, *_ = prepared
+    feed = input_feed(evaluation, 32)
+    assert feed["pixels"].shape == (32, 64)
+    pair = profile_pair(digits_model.model, digits_model.model, feed, threads=1, warmup=2, runs=20)
+    assert pair.baseline.runs == pair.candidate.runs == 20
+    assert 0 < pair.candidate.p50_ms <= pair.candidate.p90_ms <= pair.candidate.p99_ms
+    assert 0.5 < pair.speedup < 2.0  # the same model against itself
+
+
+def test_selection_applies_each_constraint_and_says_why():
+    metric = Metric(name="top1")
+    fp32 = {"top1": 0.95}
+    candidates = [
+        Candidate("fast-but-wrong", {"top1": 0.80}, speedup=3.0, latency_ms=1.0, size_bytes=100),
+        Candidate("slow", {"top1": 0.95}, speedup=0.5, latency_ms=4.0, size_bytes=100),
+        Candidate("good", {"top1": 0.945}, speedup=1.5, latency_ms=2.0, size_bytes=300),
+        Candidate("good-small", {"top1": 0.944}, speedup=1.4, latency_ms=2.1, size_bytes=200),
+        Candidate("crashed", error="QuantizationError: boom"),
+    ]
+    rules = Selection(max_drop=0.01, min_speedup=1.0, objective="latency")
+    result = select(candidates, fp32, metric, rules)
+    assert result.selected == "good"
+    reasons = {v.name: " ".join(v.reasons) for v in result.verdicts}
+    assert "top1 drop 0.15 > max_drop 0.01" in reasons["fast-but-wrong"]
+    assert "speed-up 0.50x < min_speedup 1x" in reasons["slow"]
+    assert reasons["crashed"].startswith("failed: QuantizationError")
+    assert select(candidates, fp32, metric, rules.model_copy(update={"objective": "size"})).selected == "good-small"
+    assert set(pareto_front(candidates, metric)) == {"fast-but-wrong", "good", "slow"}
+    nothing = select(candidates[:2], fp32, metric, rules)
+    assert nothing.selected is None and "none meets the constraints" in nothing.summary
+    relative = select(candidates, fp32, metric, rules.model_copy(update={"max_drop": 0.2, "drop": "relative"}))
+    assert relative.selected == "fast-but-wrong"
+
+
+def test_alias_moves_only_when_the_new_version_beats_the_holder():
+    metric = Metric(name="mae")  # lower is better
+    assert beats_holder("accuracy", metric, {"mae": 0.1}, 10, {"mae": 0.2}, 10, None).move
+    assert not beats_holder("accuracy", metric, {"mae": 0.3}, 10, {"mae": 0.2}, 10, None).move
+    assert beats_holder("size", metric, {"mae": 0.3}, 9, {"mae": 0.2}, 10, None).move
+    assert not beats_holder("latency", metric, {}, 9, {}, 10, 0.97).move
+    assert beats_holder("latency", metric, {}, 9, {}, 10, 1.2).move
