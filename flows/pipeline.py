@@ -55,6 +55,15 @@ evaluate_task = _task(evaluate_model, "evaluate")
 profile_pair_task = _task(profile_pair, "profile")
 profile_single_task = _task(profile_single, "profile-fp32")
 
+
+def _export_model(source, batches, out, base_dir):
+    from tasks.export import export_model  # imports torch: only for pytorch / huggingface sources
+
+    return export_model(source, batches, out, base_dir)
+
+
+export_task = _task(_export_model, "export")
+
 console = Console(highlight=False, soft_wrap=True)
 
 
@@ -108,7 +117,10 @@ def quantization_pipeline(spec_file: str) -> dict[str, Any]:
 def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str, parent: str, work: Path) -> PipelineOutcome:
     variants = spec.resolved_variants()
     hardware = detect()
-    source = inspect_task(spec.model.path)
+    base_dir = spec_path.parent
+    tokenize = _tokenizer(spec)
+    model_path = _export(spec, base_dir, tokenize, tracker, parent, work)
+    source = inspect_task(model_path)
     _log_parent_setup(tracker, parent, spec, variants, source, hardware, spec_path)
     say("model", f"{source.path.name}: opset {source.opset}, {source.size_bytes / 1e6:.1f} MB, sha256 {source.sha256[:12]}")
 
@@ -117,8 +129,10 @@ def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str,
         say("pre-process", f"[yellow]{note}[/]")
     tracker.set_tags(parent, {f"{TAG_PREFIX}preprocess_notes": " | ".join(pre.notes) or "none"})
 
-    base_dir = spec_path.parent
-    eval_data = load_data_task(spec.evaluation.data, source.input_dtypes, base_dir=base_dir)
+    exported = spec.model.source != "onnx"
+    eval_data = load_data_task(
+        spec.evaluation.data, source.input_dtypes, base_dir=base_dir, tokenize=tokenize, ignore_extra_inputs=exported
+    )
     reference = run_model_task(source.path, eval_data, spec.evaluation.output)
     fp32 = evaluate(reference, reference, eval_data, spec.evaluation.metrics)
     say("fp32", f"{eval_data.samples} samples: " + ", ".join(f"{k}={v:.4g}" for k, v in fp32.metrics.items()))
@@ -133,7 +147,7 @@ def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str,
     tracker.set_tags(parent, {f"{TAG_PREFIX}eval_fingerprint": eval_data.fingerprint})
 
     outcomes = {variant.name: VariantOutcome(variant) for variant in variants}
-    ranges = _calibrate(spec, variants, source, pre.path, base_dir, work, tracker, parent, outcomes)
+    ranges = _calibrate(spec, variants, source, pre.path, base_dir, tokenize, work, tracker, parent, outcomes)
 
     variant_paths = {name: work / "variants" / name / "model.onnx" for name in outcomes}
     quantized = {
@@ -199,12 +213,40 @@ def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str,
     return outcome_summary
 
 
-def _calibrate(spec, variants, source, model_path, base_dir, work, tracker, parent, outcomes) -> dict:
+def _tokenizer(spec: PipelineSpec):
+    if spec.model.source != "huggingface":
+        return None
+    from tasks.export import hf_tokenizer
+
+    return hf_tokenizer(spec.model)
+
+
+def _export(spec: PipelineSpec, base_dir: Path, tokenize, tracker: Tracker, parent: str, work: Path) -> Path:
+    """The FP32 ONNX model: the spec's file, or exported from PyTorch / Hugging Face with a parity check."""
+    if spec.model.source == "onnx":
+        return spec.model.path
+    from tasks.export import declared_input_dtypes
+
+    declared = declared_input_dtypes(spec.model)
+    data = load_data_task(spec.evaluation.data, declared, base_dir=base_dir, tokenize=tokenize)
+    exported = export_task(spec.model, data.batches, work / "exported" / "model.onnx", base_dir)
+    say("export", f"{spec.model.source} -> ONNX opset {spec.model.export.opset} ({spec.model.export.exporter}) in {exported.seconds:.1f} s; parity max abs diff {exported.parity_max_abs_diff:.2g}")
+    for note in exported.notes:
+        say("export", note)
+    tracker.log_metrics(parent, {"export.parity_max_abs_diff": exported.parity_max_abs_diff, "export.seconds": exported.seconds})
+    tracker.log_artifact(parent, exported.path, "exported")
+    return exported.path
+
+
+def _calibrate(spec, variants, source, model_path, base_dir, tokenize, work, tracker, parent, outcomes) -> dict:
     """One calibration per method any static variant uses; a failed method fails only its variants."""
     methods = sorted({v.calibration_method for v in variants if isinstance(v, StaticVariant)})
     if not methods or spec.calibration is None:
         return {}
-    data = load_data_task(spec.calibration.data, source.input_dtypes, max_samples=spec.calibration.samples, base_dir=base_dir)
+    data = load_data_task(
+        spec.calibration.data, source.input_dtypes, max_samples=spec.calibration.samples, base_dir=base_dir,
+        tokenize=tokenize, ignore_extra_inputs=spec.model.source != "onnx",
+    )
     tracker.set_tags(parent, {f"{TAG_PREFIX}calibration_fingerprint": data.fingerprint})
     futures = {
         method: calibrate_task.with_options(task_run_name=f"calibrate[{method}]").submit(

@@ -9,6 +9,7 @@ grids expanded and defaults filled in: those resolved values are what gets run a
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import itertools
 import sys
 from pathlib import Path
@@ -71,9 +72,48 @@ def check_callable(reference: str, info: ValidationInfo) -> str:
 # Model, data and metrics
 
 
-class OnnxModelSource(StrictModel):
+def package_dir(package: str) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"package {package!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+class _PathInPackage(StrictModel):
+    """A `path` relative to the spec file, or to the folder of an installed `package`."""
+
+    package: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][\w.]*$",
+        description="Installed Python package whose folder `path` is relative to (models shipped in "
+        "pip packages); default: `path` is relative to the spec file.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_in_package(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and data.get("package") and data.get("path") is not None:
+            try:
+                root = package_dir(str(data["package"]))
+            except ValueError:
+                return data  # reported by the field validator below
+            return {**data, "path": root / str(data["path"])}
+        return data
+
+    @field_validator("package")
+    @classmethod
+    def _installed(cls, value: str | None) -> str | None:
+        if value is not None:
+            package_dir(value)
+        return value
+
+
+class OnnxModelSource(_PathInPackage):
     source: Literal["onnx"] = Field(description="Where the FP32 model comes from; `onnx`: an ONNX file.")
-    path: Path = Field(description="The FP32 `.onnx` file, relative to the spec file.")
+    path: Path = Field(
+        description="The FP32 `.onnx` file (external-data files beside it are found from the model)."
+    )
 
     @field_validator("path")
     @classmethod
@@ -82,6 +122,93 @@ class OnnxModelSource(StrictModel):
         if path.exists() and path.suffix != ".onnx":
             raise ValueError(f"expected an .onnx file, got {path.name}")
         return path
+
+
+TensorDtype = Literal["float32", "float16", "int64", "int32", "uint8", "int8", "bool"]
+
+
+class InputSpec(StrictModel):
+    name: str = Field(description="ONNX input name (and the key of this input in data files).")
+    shape: list[int | str] = Field(
+        min_length=1, description="Dimensions; a name instead of a number makes that axis dynamic."
+    )
+    dtype: TensorDtype = Field(default="float32", description="Element type.")
+
+
+class ExportOptions(StrictModel):
+    opset: int = Field(default=17, ge=11, le=23, description="ONNX opset of the exported model.")
+    exporter: Literal["torchscript", "dynamo"] = Field(
+        default="torchscript",
+        description="`torch.onnx.export` flavour: `torchscript` (dynamo=False, fast) or `dynamo`.",
+    )
+    parity_tolerance: float = Field(
+        default=1e-3,
+        gt=0,
+        description="Largest accepted max-abs difference between the exported FP32 ONNX model and the "
+        "source model on evaluation inputs; above it the pipeline stops with a clear error.",
+    )
+
+
+class PyTorchModelSource(StrictModel):
+    source: Literal["pytorch"] = Field(description="`pytorch`: an nn.Module from a factory function.")
+    factory: str = Field(
+        pattern=CALLABLE_PATTERN, description="`module:function` returning the `torch.nn.Module`."
+    )
+    checkpoint: Path | None = Field(
+        default=None,
+        description="State dict loaded with `torch.load(..., weights_only=True)`; relative to the spec.",
+    )
+    inputs: list[InputSpec] = Field(min_length=1, description="Model inputs, in forward() order.")
+    outputs: list[str] = Field(min_length=1, description="Names given to the model outputs.")
+    export: ExportOptions = Field(default_factory=ExportOptions, description="ONNX export settings.")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else resolve_path(value, info)
+
+    @field_validator("factory")
+    @classmethod
+    def _importable(cls, value: str, info: ValidationInfo) -> str:
+        return check_callable(value, info)
+
+
+class HuggingFaceModelSource(_PathInPackage):
+    source: Literal["huggingface"] = Field(description="`huggingface`: a local transformers model folder.")
+    path: Path = Field(
+        description="Folder with config, weights and tokenizer (relative to the spec, or to `package`)."
+    )
+    task: Literal["sentence-embedding", "feature-extraction", "sequence-classification"] = Field(
+        default="sentence-embedding",
+        description="`sentence-embedding`: mean pooling over the attention mask is part of the exported "
+        "graph (output `sentence_embedding`); `feature-extraction`: `last_hidden_state`; "
+        "`sequence-classification`: `logits`.",
+    )
+    normalize: bool = Field(
+        default=False, description="L2-normalise sentence embeddings inside the graph."
+    )
+    max_length: int = Field(
+        default=128, ge=2, description="Texts are padded/truncated to this many tokens."
+    )
+    export: ExportOptions = Field(default_factory=ExportOptions, description="ONNX export settings.")
+
+    @field_validator("path")
+    @classmethod
+    def _is_model_folder(cls, value: Path, info: ValidationInfo) -> Path:
+        path = resolve_path(value, info)
+        if path.exists() and not (path / "config.json").exists():
+            raise ValueError(f"{path} has no config.json: not a transformers model folder")
+        return path
+
+
+MODEL_SOURCES: dict[str, type[StrictModel]] = {
+    "onnx": OnnxModelSource,
+    "pytorch": PyTorchModelSource,
+    "huggingface": HuggingFaceModelSource,
+}
+ModelSource = Annotated[
+    Union[OnnxModelSource, PyTorchModelSource, HuggingFaceModelSource], Field(discriminator="source")
+]
 
 
 class DataSource(StrictModel):
@@ -98,10 +225,14 @@ class DataSource(StrictModel):
         description="`module:function` returning an iterable of input dicts, or of (input dict, labels) "
         "pairs; each dict maps input names to arrays with a batch axis. The spec's folder is importable.",
     )
+    texts: Path | None = Field(
+        default=None,
+        description="A `.txt` file, one text per line, tokenized with the `huggingface` model's tokenizer.",
+    )
     batch_size: int = Field(default=16, ge=1, description="Samples per inference call.")
     limit: int | None = Field(default=None, ge=1, description="Use at most this many samples.")
 
-    @field_validator("path")
+    @field_validator("path", "texts")
     @classmethod
     def _path_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         return None if value is None else resolve_path(value, info)
@@ -113,8 +244,8 @@ class DataSource(StrictModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DataSource:
-        if (self.path is None) == (self.callable is None):
-            raise ValueError("give exactly one of `path` or `callable`")
+        if sum(value is not None for value in (self.path, self.callable, self.texts)) != 1:
+            raise ValueError("give exactly one of `path`, `callable` or `texts`")
         return self
 
 
@@ -123,6 +254,8 @@ BUILTIN_METRICS: dict[str, str] = {
     "cosine": "mean cosine similarity of each sample's output vs the FP32 model's",
     "mae": "mean absolute error vs the FP32 model's output",
     "mre": "relative error vs FP32: sum |output - fp32| / sum |fp32|",
+    "nn_agreement": "share of samples whose nearest other sample (cosine of outputs) is the same as "
+    "under FP32: retrieval agreement for embedding models",
 }
 LOWER_IS_BETTER = {"mae", "mre"}
 
@@ -436,7 +569,7 @@ class PipelineSpec(StrictModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Pipeline name (MLflow experiment name)."
     )
     description: str = Field(default="", description="Free text, logged with the run.")
-    model: OnnxModelSource = Field(description="The FP32 source model.")
+    model: ModelSource = Field(description="The FP32 source model: an ONNX file, PyTorch or Hugging Face.")
     preprocess: Preprocess = Field(default_factory=Preprocess, description="Before quantization.")
     calibration: Calibration | None = Field(
         default=None, description="Calibration data and method; required by static variants."
@@ -466,6 +599,12 @@ class PipelineSpec(StrictModel):
             )
         if self.selection.threads is not None and self.selection.threads not in self.profiling.threads:
             errors.append(f"selection.threads {self.selection.threads} is not in profiling.threads")
+        text_sources = [
+            section for section, data in (("evaluation", self.evaluation.data), ("calibration", self.calibration.data if self.calibration else None))
+            if data is not None and data.texts is not None
+        ]
+        if text_sources and self.model.source != "huggingface":
+            errors.append(f"{', '.join(text_sources)}.data.texts needs a `source: huggingface` model (its tokenizer)")
         if self.calibration is None and any(
             variant.kind == "static" or "calibration_method" in (variant.grid or {})
             for variant in self.variants

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from flows.spec import VARIANT_KINDS, PipelineSpec
+from flows.spec import MODEL_SOURCES, VARIANT_KINDS, PipelineSpec
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,12 @@ def _problem(file: Path, root: yaml.Node | None, detail: dict[str, Any]) -> Spec
     elif detail["type"] == "missing":
         message = "required field is missing"
     elif detail["type"] == "union_tag_invalid":
-        message = f"unknown kind {detail['input'].get('kind')!r}; expected one of: {', '.join(VARIANT_KINDS)}"
-        close = difflib.get_close_matches(str(detail["input"].get("kind")), list(VARIANT_KINDS), n=1)
+        context = detail.get("ctx", {})
+        key, tag = context.get("discriminator", "").strip("'"), context.get("tag")
+        expected = [option.strip().strip("'") for option in context.get("expected_tags", "").split(",")]
+        message = f"unknown {key} {tag!r}; expected one of: {', '.join(expected)}"
+        location = (*location, key)
+        close = difflib.get_close_matches(str(tag), expected, n=1)
         if close:
             message += f"; did you mean {close[0]!r}?"
     elif detail["type"] not in {"value_error", "assertion_error"} and "input" in detail:
@@ -120,11 +124,20 @@ def _data_location(root: yaml.Node | None, loc: tuple) -> tuple:
     node = root
     for part in loc:
         child = _child(node, part)
-        if child is None and isinstance(part, str) and part in VARIANT_KINDS and isinstance(node, yaml.MappingNode):
-            continue  # the union tag pydantic inserts after a list index
+        if child is None and _is_union_tag(node, part):
+            continue  # pydantic puts the discriminator's value (`static`, `onnx`) into the location
         location.append(part)
         node = child
     return tuple(location)
+
+
+DISCRIMINATORS = ("kind", "source")
+
+
+def _is_union_tag(node: yaml.Node | None, part: Any) -> bool:
+    if not isinstance(node, yaml.MappingNode) or not isinstance(part, str):
+        return False
+    return any(key.value in DISCRIMINATORS and getattr(value, "value", None) == part for key, value in node.value)
 
 
 def _child(node: yaml.Node | None, part: Any) -> yaml.Node | None:
@@ -163,6 +176,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
             continue
         if part in VARIANT_KINDS:
             owner = VARIANT_KINDS[part]
+        elif part in MODEL_SOURCES:
+            owner = MODEL_SOURCES[part]
         elif owner is not None and part in owner.model_fields:
             owner = _inner_model(owner.model_fields[part].annotation)
         else:

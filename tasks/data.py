@@ -7,7 +7,7 @@ model's input dtypes, plus a fingerprint so two runs can tell whether they saw t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,12 +49,30 @@ class Dataset:
         return np.concatenate([batch.labels for batch in self.batches]) if self.has_labels else None
 
 
+Tokenizer = Callable[[list[str]], dict[str, np.ndarray]]
+
+
 def load_dataset(
-    source: DataSource, input_dtypes: dict[str, np.dtype], *, max_samples: int | None = None, base_dir: Path | None = None
+    source: DataSource,
+    input_dtypes: dict[str, np.dtype],
+    *,
+    max_samples: int | None = None,
+    base_dir: Path | None = None,
+    tokenize: Tokenizer | None = None,
+    ignore_extra_inputs: bool = False,
 ) -> Dataset:
-    """Read `source` into batches for a model whose inputs are `input_dtypes` (name -> dtype)."""
+    """Read `source` into batches for a model whose inputs are `input_dtypes` (name -> dtype).
+
+    `tokenize` turns a list of texts into model inputs; it is needed for a `texts:` source.
+    `ignore_extra_inputs` drops arrays the model has no input for (an exporter prunes unused inputs,
+    e.g. `token_type_ids`), instead of calling that an error.
+    """
     limit = min(filter(None, (source.limit, max_samples)), default=None)
-    if source.callable is not None:
+    if source.texts is not None:
+        if tokenize is None:
+            raise DataError(f"{source.texts}: texts need a tokenizer (a huggingface model source)")
+        raw = _from_texts(source.texts, tokenize, source.batch_size, limit)
+    elif source.callable is not None:
         raw = _from_callable(source.callable, base_dir)
     elif source.path is not None and source.path.is_dir():
         raw = _from_folder(source.path, list(input_dtypes), source.batch_size)
@@ -62,7 +80,7 @@ def load_dataset(
         raw = _split(_read_npz(source.path), source.batch_size)
     else:  # the spec guarantees one of the two
         raise DataError("data source has neither path nor callable")
-    batches = tuple(_truncate((_checked(batch, input_dtypes) for batch in raw), limit))
+    batches = tuple(_truncate((_checked(batch, input_dtypes, ignore_extra_inputs) for batch in raw), limit))
     if not batches:
         raise DataError(f"data source {source.path or source.callable} gave no samples")
     return Dataset(batches=batches, fingerprint=fingerprint(batches))
@@ -104,6 +122,16 @@ def _split(arrays: dict[str, np.ndarray], batch_size: int) -> list[Batch]:
     ]
 
 
+def read_texts(path: Path) -> list[str]:
+    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return [text for text in texts if text]
+
+
+def _from_texts(path: Path, tokenize: Tokenizer, batch_size: int, limit: int | None) -> list[Batch]:
+    texts = read_texts(path)[:limit]
+    return [Batch(inputs=tokenize(texts[start : start + batch_size])) for start in range(0, len(texts), batch_size)]
+
+
 def _from_folder(folder: Path, input_names: list[str], batch_size: int) -> list[Batch]:
     files = sorted(path for path in folder.iterdir() if path.suffix in {".npz", ".npy"})
     if not files:
@@ -136,9 +164,9 @@ def _from_callable(reference: str, base_dir: Path | None) -> Iterable[Batch]:
             raise DataError(f"{reference} must yield input dicts or (inputs, labels) pairs, got {type(item).__name__}")
 
 
-def _checked(batch: Batch, input_dtypes: dict[str, np.dtype]) -> Batch:
+def _checked(batch: Batch, input_dtypes: dict[str, np.dtype], ignore_extra_inputs: bool = False) -> Batch:
     missing = sorted(set(input_dtypes) - set(batch.inputs))
-    unknown = sorted(set(batch.inputs) - set(input_dtypes))
+    unknown = [] if ignore_extra_inputs else sorted(set(batch.inputs) - set(input_dtypes))
     if missing or unknown:
         raise DataError(
             f"data does not match the model inputs {sorted(input_dtypes)}: "

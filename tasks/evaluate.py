@@ -81,6 +81,8 @@ def evaluate(
             scores["cosine_min"] = float(similarity.min())
         elif metric.name == "mae":
             scores["mae"] = float(np.mean(np.abs(_flat(candidate) - _flat(baseline))))
+        elif metric.name == "nn_agreement":
+            scores["nn_agreement"] = nearest_neighbour_agreement(candidate, baseline)
         elif metric.name == "mre":
             scores["mre"] = float(np.sum(np.abs(_flat(candidate) - _flat(baseline))) / max(np.sum(np.abs(_flat(baseline))), 1e-12))
     return Evaluation(metrics=scores, samples=dataset.samples, seconds=time.perf_counter() - started)
@@ -101,6 +103,21 @@ def cosine_per_sample(outputs: list[np.ndarray], reference: list[np.ndarray]) ->
     baseline = np.concatenate([batch.reshape(len(batch), -1) for batch in reference])
     norms = np.linalg.norm(candidate, axis=1) * np.linalg.norm(baseline, axis=1)
     return np.sum(candidate * baseline, axis=1) / np.maximum(norms, 1e-12)
+
+
+def nearest_neighbour_agreement(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """Share of samples whose nearest other sample (by cosine) is the same under both models."""
+
+    def neighbours(batches: list[np.ndarray]) -> np.ndarray:
+        vectors = np.concatenate([batch.reshape(len(batch), -1) for batch in batches])
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        similarity = vectors @ vectors.T
+        np.fill_diagonal(similarity, -np.inf)
+        return np.argmax(similarity, axis=1)
+
+    if sum(len(batch) for batch in reference) < 2:
+        raise EvaluationError("nn_agreement needs at least two evaluation samples")
+    return float(np.mean(neighbours(outputs) == neighbours(reference)))
 
 
 def _flat(batches: list[np.ndarray]) -> np.ndarray:
