@@ -399,7 +399,7 @@ def _promote(spec, tracker: Tracker, run_id: str, outcome: VariantOutcome, sourc
         holder_size = holder.tags.get(f"{TAG_PREFIX}size_bytes")
         decision = beats_holder(
             spec.selection.objective, metric, outcome.evaluation.metrics, outcome.quantized.size_bytes,
-            holder_metrics, int(holder_size) if holder_size else None, speedup,
+            holder_metrics, int(holder_size) if holder_size else None, speedup, spec.selection.latency_tolerance,
         )
         decision_move, reason = decision.move, f"vs @{registry.alias} v{holder.version}: {decision.reason}"
     if decision_move:

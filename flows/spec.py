@@ -544,6 +544,13 @@ class Selection(StrictModel):
     objective: Literal["latency", "size", "accuracy"] = Field(
         default="latency", description="What `best` means among the variants that meet the constraints."
     )
+    latency_tolerance: float = Field(
+        default=0.03,
+        ge=0,
+        lt=1,
+        description="Latencies within this fraction of the fastest count as a tie (timing noise), broken "
+        "by accuracy, then size; the alias also moves only for a speed-up above 1 + this.",
+    )
     batch_size: int | None = Field(
         default=None, ge=1, description="Profiled batch size that counts; default: the first."
     )

@@ -43,12 +43,25 @@ class CalibrationError(RuntimeError):
 
 
 class _BatchReader(CalibrationDataReader):
+    """Feeds the dataset's batches; one sample at a time when batch shapes differ.
+
+    ORT's histogram calibrators stack every batch's outputs into one array, which fails on a ragged
+    last batch ("inhomogeneous shape"); single samples always stack.
+    """
+
     def __init__(self, dataset: Dataset):
-        self._batches = iter(dataset.batches)
+        shapes = {tuple((name, array.shape) for name, array in sorted(b.inputs.items())) for b in dataset.batches}
+        if len(shapes) == 1:
+            self._feeds = iter([batch.inputs for batch in dataset.batches])
+        else:
+            self._feeds = (
+                {name: array[index : index + 1] for name, array in batch.inputs.items()}
+                for batch in dataset.batches
+                for index in range(batch.size)
+            )
 
     def get_next(self):
-        batch = next(self._batches, None)
-        return None if batch is None else batch.inputs
+        return next(self._feeds, None)
 
 
 def calibrate(model: Path, dataset: Dataset, method: str, options: Calibration, out: Path) -> CalibrationRanges:

@@ -60,11 +60,14 @@ def judge(candidate: Candidate, fp32_metrics: dict[str, float], metric: Metric, 
     return Verdict(candidate.name, not reasons, tuple(reasons), accuracy_drop=drop)
 
 
-def objective_key(candidate: Candidate, metric: Metric, objective: str) -> tuple[float, ...]:
-    """Smaller is better; ties broken by accuracy, then size."""
+def objective_key(candidate: Candidate, metric: Metric, objective: str, fastest_ms: float = 0.0, tolerance: float = 0.0) -> tuple:
+    """Smaller is better. For latency, anything within `tolerance` of the fastest is a tie (timing
+    noise would otherwise pick a different twin on every run), broken by accuracy, then size."""
     accuracy = candidate.metrics[metric.name] * (-1 if metric.higher_better else 1)
     if objective == "latency":
-        return (candidate.latency_ms or float("inf"), accuracy, candidate.size_bytes or 0)
+        latency = candidate.latency_ms or float("inf")
+        tied = latency <= fastest_ms * (1 + tolerance)
+        return (0.0 if tied else latency, accuracy, candidate.size_bytes or 0, latency)
     if objective == "size":
         return (candidate.size_bytes or 0, accuracy, candidate.latency_ms or float("inf"))
     return (accuracy, candidate.latency_ms or float("inf"), candidate.size_bytes or 0)
@@ -96,7 +99,8 @@ def select(
     eligible = [c for c, verdict in zip(candidates, verdicts) if verdict.eligible]
     pareto = pareto_front(candidates, metric)
     if eligible:
-        best = min(eligible, key=lambda c: objective_key(c, metric, rules.objective))
+        fastest = min(c.latency_ms or float("inf") for c in eligible)
+        best = min(eligible, key=lambda c: objective_key(c, metric, rules.objective, fastest, rules.latency_tolerance))
         summary = f"selected {best.name} (best {rules.objective} of {len(eligible)} variant(s) meeting the constraints)"
         return SelectionResult(best.name, verdicts, pareto, summary)
     if all(c.error is not None for c in candidates):
@@ -120,14 +124,16 @@ def beats_holder(
     holder_metrics: dict[str, float] | None,
     holder_size_bytes: int | None,
     new_vs_holder_speedup: float | None,
+    latency_tolerance: float = 0.0,
 ) -> AliasDecision:
     """Whether the new version beats the current alias holder on the objective (both on the same data)."""
     if objective == "latency":
         if new_vs_holder_speedup is None:
             return AliasDecision(False, "the current holder could not be timed against the new version")
         return AliasDecision(
-            new_vs_holder_speedup > 1.0,
-            f"new version is {new_vs_holder_speedup:.2f}x the holder's speed (timed interleaved, p50)",
+            new_vs_holder_speedup > 1.0 + latency_tolerance,
+            f"new version is {new_vs_holder_speedup:.2f}x the holder's speed (timed interleaved, p50; "
+            f"needs > {1 + latency_tolerance:.2f}x)",
         )
     if objective == "size":
         if holder_size_bytes is None:

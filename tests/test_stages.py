@@ -118,7 +118,7 @@ def test_selection_applies_each_constraint_and_says_why():
         Candidate("good-small", {"top1": 0.944}, speedup=1.4, latency_ms=2.1, size_bytes=200),
         Candidate("crashed", error="QuantizationError: boom"),
     ]
-    rules = Selection(max_drop=0.01, min_speedup=1.0, objective="latency")
+    rules = Selection(max_drop=0.01, min_speedup=1.0, objective="latency", latency_tolerance=0.0)
     result = select(candidates, fp32, metric, rules)
     assert result.selected == "good"
     reasons = {v.name: " ".join(v.reasons) for v in result.verdicts}
@@ -131,6 +131,12 @@ def test_selection_applies_each_constraint_and_says_why():
     assert nothing.selected is None and "none meets the constraints" in nothing.summary
     relative = select(candidates, fp32, metric, rules.model_copy(update={"max_drop": 0.2, "drop": "relative"}))
     assert relative.selected == "fast-but-wrong"
+    # within the latency tolerance the more accurate twin wins, whatever the noise said
+    tied = select(candidates, fp32, metric, rules.model_copy(update={"latency_tolerance": 0.06}))
+    assert tied.selected == "good"
+    tied_twins = [Candidate("a", {"top1": 0.942}, 1.5, 2.00, 100), Candidate("b", {"top1": 0.945}, 1.45, 2.05, 100)]
+    assert select(tied_twins, fp32, metric, rules.model_copy(update={"latency_tolerance": 0.03})).selected == "b"
+    assert select(tied_twins, fp32, metric, rules).selected == "a"
 
 
 def test_alias_moves_only_when_the_new_version_beats_the_holder():
@@ -140,3 +146,4 @@ def test_alias_moves_only_when_the_new_version_beats_the_holder():
     assert beats_holder("size", metric, {"mae": 0.3}, 9, {"mae": 0.2}, 10, None).move
     assert not beats_holder("latency", metric, {}, 9, {}, 10, 0.97).move
     assert beats_holder("latency", metric, {}, 9, {}, 10, 1.2).move
+    assert not beats_holder("latency", metric, {}, 9, {}, 10, 1.02, latency_tolerance=0.03).move
