@@ -27,13 +27,13 @@ from flows import __version__
 from flows.spec import PipelineSpec, StaticVariant, VariantBase
 from flows.specfile import load_spec
 from flows.tracking import TAG_PREFIX, Tracker, flatten, onnx_signature, scratch_dir
-from tasks.calibrate import calibrate
+from tasks.calibrate import calibrate, calibration_key
 from tasks.data import load_dataset
 from tasks.evaluate import evaluate, evaluate_model, run_model
 from tasks.graph import quantized_op_counts
 from tasks.hardware import detect
 from tasks.model import inspect_model
-from tasks.preprocess import preprocess
+from tasks.preprocess import fuse_transformer, preprocess
 from tasks.profile import input_feed, profile_pair, profile_single
 from tasks.quantize import QUANTIZERS, quantize
 from tasks.report import plot_pareto, write_table
@@ -47,6 +47,7 @@ def _task(function, name: str):
 
 inspect_task = _task(inspect_model, "inspect-model")
 preprocess_task = _task(preprocess, "pre-process")
+fuse_task = _task(fuse_transformer, "transformer-fusion")
 load_data_task = _task(load_dataset, "load-data")
 run_model_task = _task(run_model, "fp32-outputs")
 calibrate_task = _task(calibrate, "calibrate")
@@ -128,6 +129,8 @@ def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str,
     for note in pre.notes:
         say("pre-process", f"[yellow]{note}[/]")
     tracker.set_tags(parent, {f"{TAG_PREFIX}preprocess_notes": " | ".join(pre.notes) or "none"})
+    outcomes = {variant.name: VariantOutcome(variant) for variant in variants}
+    graphs = _graphs(spec, variants, source.path, pre.path, work, tracker, parent, outcomes)
 
     exported = spec.model.source != "onnx"
     eval_data = load_data_task(
@@ -146,14 +149,12 @@ def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str,
     tracker.log_metrics(parent, {f"fp32.{name}": value for name, value in fp32.metrics.items()} | {"fp32.size_mb": source.size_bytes / 1e6})
     tracker.set_tags(parent, {f"{TAG_PREFIX}eval_fingerprint": eval_data.fingerprint})
 
-    outcomes = {variant.name: VariantOutcome(variant) for variant in variants}
-    ranges = _calibrate(spec, variants, source, pre.path, base_dir, tokenize, work, tracker, parent, outcomes)
+    ranges = _calibrate(spec, variants, source, graphs, base_dir, tokenize, work, tracker, parent, outcomes)
 
     variant_paths = {name: work / "variants" / name / "model.onnx" for name in outcomes}
     quantized = {
         name: quantize_task.with_options(task_run_name=f"quantize[{name}]").submit(
-            pre.path if QUANTIZERS[outcome.variant.kind].wants_preprocessed else source.path,
-            outcome.variant, ranges, variant_paths[name],
+            graphs[_graph_key(outcome.variant)], outcome.variant, ranges, variant_paths[name],
         )
         for name, outcome in outcomes.items()
         if outcome.error is None
@@ -238,10 +239,44 @@ def _export(spec: PipelineSpec, base_dir: Path, tokenize, tracker: Tracker, pare
     return exported.path
 
 
-def _calibrate(spec, variants, source, model_path, base_dir, tokenize, work, tracker, parent, outcomes) -> dict:
-    """One calibration per method any static variant uses; a failed method fails only its variants."""
-    methods = sorted({v.calibration_method for v in variants if isinstance(v, StaticVariant)})
-    if not methods or spec.calibration is None:
+def _graph_key(variant: VariantBase) -> tuple[bool, bool]:
+    return (variant.fused, QUANTIZERS[variant.kind].wants_preprocessed)  # type: ignore[attr-defined]
+
+
+def _graphs(spec, variants, source_path: Path, pre_path: Path, work: Path, tracker, parent, outcomes) -> dict:
+    """The FP32 graph each variant starts from, by (fused, pre-processed)."""
+    graphs = {(False, False): source_path, (False, True): pre_path}
+    fused_variants = [v for v in variants if v.fused]
+    if not fused_variants:
+        return graphs
+    try:
+        fused = fuse_task(source_path, spec.preprocess.transformer_fusion, work / "fused" / "model.onnx")
+        graphs[(True, False)] = fused.path
+        say("fuse", "transformer fusion: " + (", ".join(f"{op} {n}" for op, n in fused.fused_ops.items()) or "nothing fused"))
+        for note in fused.notes:
+            say("fuse", f"[yellow]{note}[/]")
+        tracker.log_metrics(parent, {f"fusion.{op}": n for op, n in fused.fused_ops.items()})
+        if any(QUANTIZERS[v.kind].wants_preprocessed for v in fused_variants):
+            fused_pre = preprocess_task(fused.path, spec.preprocess, work / "fused-preprocessed" / "model.onnx")
+            for note in fused_pre.notes:
+                say("pre-process", f"[yellow]fused graph: {note}[/]")
+            graphs[(True, True)] = fused_pre.path
+    except Exception as error:
+        say("fuse", f"[red]transformer fusion failed[/]: {_describe(error)}")
+        for variant in fused_variants:
+            outcome = outcomes[variant.name]
+            outcome.error, outcome.failed_stage = _describe(error), "fuse"
+    return graphs
+
+
+def _calibrate(spec, variants, source, graphs, base_dir, tokenize, work, tracker, parent, outcomes) -> dict:
+    """One calibration per method (and graph) static variants use; a failure fails only its variants."""
+    keys = {
+        calibration_key(v): v.fused
+        for v in variants
+        if isinstance(v, StaticVariant) and outcomes[v.name].error is None
+    }
+    if not keys or spec.calibration is None:
         return {}
     data = load_data_task(
         spec.calibration.data, source.input_dtypes, max_samples=spec.calibration.samples, base_dir=base_dir,
@@ -249,21 +284,21 @@ def _calibrate(spec, variants, source, model_path, base_dir, tokenize, work, tra
     )
     tracker.set_tags(parent, {f"{TAG_PREFIX}calibration_fingerprint": data.fingerprint})
     futures = {
-        method: calibrate_task.with_options(task_run_name=f"calibrate[{method}]").submit(
-            model_path, data, method, spec.calibration, work / "calibration" / f"{method}.json"
+        key: calibrate_task.with_options(task_run_name=f"calibrate[{key}]").submit(
+            graphs[(fused, True)], data, key.split("@")[0], spec.calibration, work / "calibration" / f"{key}.json"
         )
-        for method in methods
+        for key, fused in sorted(keys.items())
     }
     ranges = {}
-    for method, future in futures.items():
+    for key, future in futures.items():
         try:
-            ranges[method] = future.result()
-            say("calibrate", f"{method}: {ranges[method].tensors} tensors from {data.samples} samples in {ranges[method].seconds:.1f} s")
-            tracker.log_metrics(parent, {f"calibration.{method}.seconds": ranges[method].seconds})
+            ranges[key] = future.result()
+            say("calibrate", f"{key}: {ranges[key].tensors} tensors from {data.samples} samples in {ranges[key].seconds:.1f} s")
+            tracker.log_metrics(parent, {f"calibration.{key.replace('@', '.')}.seconds": ranges[key].seconds})
         except Exception as error:
-            say("calibrate", f"[red]{method} failed[/]: {_describe(error)}")
+            say("calibrate", f"[red]{key} failed[/]: {_describe(error)}")
             for outcome in outcomes.values():
-                if isinstance(outcome.variant, StaticVariant) and outcome.variant.calibration_method == method:
+                if isinstance(outcome.variant, StaticVariant) and calibration_key(outcome.variant) == key:
                     outcome.error, outcome.failed_stage = _describe(error), "calibrate"
     return ranges
 
@@ -336,7 +371,7 @@ def _recipe(spec: PipelineSpec, outcome: VariantOutcome, source, eval_data, pre,
     import hashlib
 
     variant = outcome.variant
-    calibration = ranges.get(variant.calibration_method) if isinstance(variant, StaticVariant) else None
+    calibration = ranges.get(calibration_key(variant)) if isinstance(variant, StaticVariant) else None
     ingredients = {
         "source_sha256": source.sha256,
         "variant": variant.model_dump(mode="json", exclude={"name", "grid"}),

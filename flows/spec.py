@@ -337,6 +337,24 @@ class Calibration(StrictModel):
     )
 
 
+class TransformerFusion(StrictModel):
+    """ONNX Runtime's transformer optimizer (`onnxruntime.transformers.optimizer.optimize_model`)."""
+
+    model_type: Literal["bert", "bart", "gpt2", "t5", "vit", "clip", "unet", "vae"] = Field(
+        default="bert", description="Architecture family whose fusion patterns to apply."
+    )
+    num_heads: int = Field(default=0, ge=0, description="Attention heads; 0: detect from the graph.")
+    hidden_size: int = Field(default=0, ge=0, description="Hidden size; 0: detect from the graph.")
+    opt_level: Literal[0, 1, 2, 99] = Field(
+        default=0,
+        description="0: the optimizer's own fusions only (ORT sessions apply their graph optimisations at "
+        "load anyway); 1/2/99: also run ORT's offline graph optimisation at that level.",
+    )
+    disable: list[
+        Literal["attention", "skip_layer_norm", "embed_layer_norm", "bias_gelu", "gelu", "layer_norm", "bias_skip_layer_norm"]
+    ] = Field(default_factory=list, description="Fusions to leave out (FusionOptions `enable_*` = False).")
+
+
 class Preprocess(StrictModel):
     quant_pre_process: bool = Field(
         default=True,
@@ -345,6 +363,11 @@ class Preprocess(StrictModel):
     )
     skip_optimization: bool = Field(
         default=False, description="Skip the ORT graph optimisation step of `quant_pre_process`."
+    )
+    transformer_fusion: TransformerFusion | None = Field(
+        default=None,
+        description="Also build a transformer-fused FP32 graph (Attention, LayerNorm, GELU fusion); "
+        "variants with `fused: true` start from it.",
     )
 
 
@@ -363,9 +386,16 @@ class VariantBase(StrictModel):
         description="Expand into one variant per combination of these option values, "
         "e.g. `{per_channel: [true, false]}`.",
     )
+    fused: bool = Field(
+        default=False,
+        description="Start from the transformer-fused graph (needs `preprocess.transformer_fusion`).",
+    )
 
     def default_name(self) -> str:
         raise NotImplementedError
+
+    def named(self, base: str) -> str:
+        return f"fused-{base}" if self.fused else base
 
     @model_validator(mode="after")
     def _grid_keys(self) -> VariantBase:
@@ -427,7 +457,7 @@ class DynamicVariant(VariantBase):
 
     def default_name(self) -> str:
         granularity = "per-channel" if self.per_channel else "per-tensor"
-        return f"dynamic-{self.weight_type.lower()}-{granularity}"
+        return self.named(f"dynamic-{self.weight_type.lower()}-{granularity}")
 
 
 _SHORT_TYPES = {"QInt8": "s8", "QUInt8": "u8"}
@@ -462,7 +492,7 @@ class StaticVariant(VariantBase):
         granularity = "per-channel" if self.per_channel else "per-tensor"
         method = self.calibration_method or "calib"
         types = _SHORT_TYPES[self.activation_type] + _SHORT_TYPES[self.weight_type]
-        return f"static-{self.format.lower()}-{types}-{granularity}-{method}"
+        return self.named(f"static-{self.format.lower()}-{types}-{granularity}-{method}")
 
 
 class WeightOnlyInt4Variant(VariantBase):
@@ -481,7 +511,7 @@ class WeightOnlyInt4Variant(VariantBase):
     nodes_to_exclude: list[str] = Field(default_factory=list, description="Node names kept in float.")
 
     def default_name(self) -> str:
-        return f"int4-block{self.block_size}-{'sym' if self.symmetric else 'asym'}"
+        return self.named(f"int4-block{self.block_size}-{'sym' if self.symmetric else 'asym'}")
 
 
 class Fp16Variant(VariantBase):
@@ -494,7 +524,16 @@ class Fp16Variant(VariantBase):
     )
 
     def default_name(self) -> str:
-        return "fp16"
+        return self.named("fp16")
+
+
+class Fp32Variant(VariantBase):
+    """The FP32 graph after pre-processing, unquantized: shows what fusion alone buys."""
+
+    kind: Literal["fp32"] = Field(description="No quantization (pre-processed or fused FP32 graph).")
+
+    def default_name(self) -> str:
+        return self.named("fp32")
 
 
 VARIANT_KINDS: dict[str, type[VariantBase]] = {
@@ -502,9 +541,10 @@ VARIANT_KINDS: dict[str, type[VariantBase]] = {
     "static": StaticVariant,
     "weight_only_int4": WeightOnlyInt4Variant,
     "fp16": Fp16Variant,
+    "fp32": Fp32Variant,
 }
 Variant = Annotated[
-    Union[DynamicVariant, StaticVariant, WeightOnlyInt4Variant, Fp16Variant],
+    Union[DynamicVariant, StaticVariant, WeightOnlyInt4Variant, Fp16Variant, Fp32Variant],
     Field(discriminator="kind"),
 ]
 
@@ -612,6 +652,10 @@ class PipelineSpec(StrictModel):
         ]
         if text_sources and self.model.source != "huggingface":
             errors.append(f"{', '.join(text_sources)}.data.texts needs a `source: huggingface` model (its tokenizer)")
+        if self.preprocess.transformer_fusion is None and any(
+            variant.fused or True in (variant.grid or {}).get("fused", []) for variant in self.variants
+        ):
+            errors.append("variants with `fused: true` need `preprocess.transformer_fusion`")
         if self.calibration is None and any(
             variant.kind == "static" or "calibration_method" in (variant.grid or {})
             for variant in self.variants

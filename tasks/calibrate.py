@@ -42,6 +42,11 @@ class CalibrationError(RuntimeError):
     pass
 
 
+def calibration_key(variant) -> str:
+    """Ranges are per method and per graph: the fused graph has other tensor names."""
+    return f"{variant.calibration_method}@fused" if variant.fused else str(variant.calibration_method)
+
+
 class _BatchReader(CalibrationDataReader):
     """Feeds the dataset's batches; one sample at a time when batch shapes differ.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from flows.spec import Preprocess
+from flows.spec import Preprocess, TransformerFusion
 
 # quant_pre_process writes scratch files into the current directory, so it runs from a temp dir;
 # the working directory is process-wide, hence the lock.
@@ -58,3 +58,48 @@ def _copy_model(model: Path, out: Path) -> None:
     for file in model_files(model):
         target = out if file == model else out.parent / file.name
         shutil.copyfile(file, target)
+
+
+@dataclass(frozen=True)
+class FusedModel:
+    path: Path
+    fused_ops: dict[str, int]  # the optimizer's own statistics, e.g. {"Attention": 6, "SkipLayerNormalization": 12}
+    notes: list[str] = field(default_factory=list)
+
+
+_FUSION_FLAGS = {
+    "attention": "enable_attention",
+    "skip_layer_norm": "enable_skip_layer_norm",
+    "embed_layer_norm": "enable_embed_layer_norm",
+    "bias_gelu": "enable_bias_gelu",
+    "gelu": "enable_gelu",
+    "layer_norm": "enable_layer_norm",
+    "bias_skip_layer_norm": "enable_bias_skip_layer_norm",
+}
+
+
+def fuse_transformer(model: Path, options: TransformerFusion, out: Path) -> FusedModel:
+    """Apply ORT's transformer fusions (Attention, SkipLayerNorm, BiasGelu, ...) and save to `out`."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fusion_options = FusionOptions(options.model_type)
+    for name in options.disable:
+        setattr(fusion_options, _FUSION_FLAGS[name], False)
+    optimized = optimize_model(
+        str(model),
+        model_type=options.model_type,
+        num_heads=options.num_heads,
+        hidden_size=options.hidden_size,
+        optimization_options=fusion_options,
+        opt_level=options.opt_level,
+        use_gpu=False,
+        provider="CPUExecutionProvider",
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    optimized.save_model_to_file(str(out), use_external_data_format=False)
+    statistics = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+    notes = []
+    if not statistics.get("Attention") and not statistics.get("MultiHeadAttention") and "attention" not in options.disable:
+        notes.append("no Attention was fused: the attention subgraph did not match ORT's patterns")
+    return FusedModel(out, statistics, notes)

@@ -15,7 +15,7 @@ import onnx
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from flows.spec import DynamicVariant, Fp16Variant, StaticVariant, VariantBase, WeightOnlyInt4Variant
-from tasks.calibrate import ALL_QUANTIZABLE_OPS, ORT_METHODS, CalibrationRanges
+from tasks.calibrate import ALL_QUANTIZABLE_OPS, ORT_METHODS, CalibrationRanges, calibration_key
 import tempfile
 
 from tasks.model import model_size_bytes, private_link
@@ -74,14 +74,15 @@ def _dynamic(model: Path, variant: DynamicVariant, ranges, out: Path) -> list[st
 
 def _static(model: Path, variant: StaticVariant, ranges: Mapping[str, CalibrationRanges], out: Path) -> list[str]:
     method = variant.calibration_method
-    if method not in ranges:
+    key = calibration_key(variant)
+    if key not in ranges:
         raise QuantizationError(f"no {method} calibration ranges were computed for this variant")
     op_types = [op for op in (variant.op_types or ALL_QUANTIZABLE_OPS) if op not in variant.op_types_to_exclude]
     quantize_static(
         model,
         out,
         calibration_data_reader=None,
-        calibration_cache_path=ranges[method].path,
+        calibration_cache_path=ranges[key].path,
         quant_format=QuantFormat[variant.format],
         op_types_to_quantize=op_types,
         per_channel=variant.per_channel,
@@ -92,7 +93,7 @@ def _static(model: Path, variant: StaticVariant, ranges: Mapping[str, Calibratio
         calibrate_method=ORT_METHODS[method],
         extra_options=dict(variant.extra_options),
     )
-    return [f"ranges from the shared {method} calibration ({ranges[method].samples} samples)"]
+    return [f"ranges from the shared {key} calibration ({ranges[key].samples} samples)"]
 
 
 def _weight_only_int4(model: Path, variant: WeightOnlyInt4Variant, ranges, out: Path) -> list[str]:
@@ -136,9 +137,15 @@ class Quantizer:
     wants_preprocessed: bool
 
 
+def _fp32(model: Path, variant, ranges, out: Path) -> list[str]:
+    onnx.save(onnx.load(str(model)), str(out))
+    return ["unquantized: the FP32 graph after pre-processing"]
+
+
 QUANTIZERS: dict[str, Quantizer] = {
     "dynamic": Quantizer(_dynamic, wants_preprocessed=True),
     "static": Quantizer(_static, wants_preprocessed=True),
     "weight_only_int4": Quantizer(_weight_only_int4, wants_preprocessed=False),
     "fp16": Quantizer(_fp16, wants_preprocessed=False),
+    "fp32": Quantizer(_fp32, wants_preprocessed=True),
 }

@@ -14,13 +14,19 @@ so nothing is downloaded. After one fixed-seed shuffle the first 3800 images
 train the model, the next 200 are calibration and the last 1000 are the
 held-out evaluation set; calibration and evaluation images never train.
 
-Determinism: fixed seeds for the split, the weight init and the batch order
-(torch.Generator), torch.use_deterministic_algorithms(True) and a fixed
-thread count of 2, so two runs on the same machine and torch build write a
-bit-identical checkpoint.pt. The .npz files are written with fixed zip
-timestamps, so they are bit-identical too.
+Training: Adam (lr 1e-3, cosine decay to 0), batch 64, 12 epochs, each
+training image randomly translated by up to 2 px. Held-out top-1 is about
+0.977 on the 1000 evaluation images.
 
-Runtime: about 30 s on a 2-core x86 CPU (torch 2.13 CPU).
+Determinism: fixed seeds for the split, the weight init, the batch order and
+the augmentation (one torch.Generator), torch.use_deterministic_algorithms(True)
+and a fixed thread count, so two runs on the same machine and torch build write
+a bit-identical checkpoint.pt. The thread count is 1 (see NUM_THREADS): the
+weights do differ between 1 and 2 threads. The .npz files are written with a
+fixed zip timestamp, so they are bit-identical too.
+
+Runtime: about 27-30 s of training plus about 8 s of imports on this 2-core
+x86 VM (torch 2.13 CPU), both measured with other jobs running.
 
 Run from the repo root:  python pipelines/mnist/train.py
 """
@@ -42,7 +48,12 @@ from model import build_model  # noqa: E402
 
 SPLIT_SEED, TORCH_SEED = 20240607, 1234
 N_TRAIN, N_CALIB, N_EVAL = 3800, 200, 1000
-EPOCHS, BATCH, LR = 8, 64, 1e-3
+EPOCHS, BATCH, LR = 12, 64, 1e-3
+MAX_SHIFT = 2  # training-time augmentation: random translation by up to 2 px
+# One thread, not two: the result depends on the thread count (so it must be
+# fixed), and on this 2-core VM two OpenMP threads run 4-5x slower than one
+# whenever another process is busy, while one thread is as fast when idle.
+NUM_THREADS = 1
 
 
 def load_splits():
@@ -67,6 +78,17 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
             zf.writestr(info, buf.getvalue())
 
 
+def random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image by its own (dy, dx) in [-MAX_SHIFT, MAX_SHIFT], zero fill."""
+    n, s = x.shape[0], MAX_SHIFT
+    padded = nn.functional.pad(x, (s, s, s, s))
+    dy, dx = torch.randint(0, 2 * s + 1, (2, n), generator=gen)
+    ar = torch.arange(28)
+    rows = (dy[:, None] + ar)[:, :, None]  # [n, 28, 1]
+    cols = (dx[:, None] + ar)[:, None, :]  # [n, 1, 28]
+    return padded[:, 0][torch.arange(n)[:, None, None], rows, cols].unsqueeze(1)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
     model.eval()
@@ -75,7 +97,7 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(NUM_THREADS)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(TORCH_SEED)
 
@@ -96,7 +118,8 @@ def main() -> None:
         total = 0.0
         for i in range(0, N_TRAIN, BATCH):
             idx = perm[i:i + BATCH]
-            loss = loss_fn(model(xt[idx]), yt[idx])
+            x = random_shift(xt[idx], gen) if MAX_SHIFT else xt[idx]
+            loss = loss_fn(model(x), yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
