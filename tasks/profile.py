@@ -70,27 +70,40 @@ def stats(samples_ns: list[int], batch_size: int) -> LatencyStats:
     )
 
 
+def profile_interleaved(
+    models: dict[str, Path], feed: dict[str, np.ndarray], threads: int, warmup: int, runs: int
+) -> dict[str, LatencyStats]:
+    """Time several models round-robin on the same `feed` with the same session options.
+
+    Each iteration runs every model once, rotating which goes first, so machine drift and
+    cache effects spread evenly over all of them.
+    """
+    names = list(models)
+    sessions = {name: session(models[name], threads) for name in names}
+    for _ in range(warmup):
+        for name in names:
+            sessions[name].run(None, feed)
+    timings: dict[str, list[int]] = {name: [] for name in names}
+    for iteration in range(runs):
+        shift = iteration % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter_ns()
+            sessions[name].run(None, feed)
+            timings[name].append(time.perf_counter_ns() - started)
+    batch_size = len(next(iter(feed.values())))
+    return {name: stats(timings[name], batch_size) for name in names}
+
+
 def profile_pair(
     baseline: Path, candidate: Path, feed: dict[str, np.ndarray], threads: int, warmup: int, runs: int
 ) -> PairProfile:
     """Time `baseline` and `candidate` alternately on the same `feed` with the same options."""
-    sessions = (session(baseline, threads), session(candidate, threads))
-    for _ in range(warmup):
-        for runner in sessions:
-            runner.run(None, feed)
-    timings: tuple[list[int], list[int]] = ([], [])
-    for iteration in range(runs):
-        order = (0, 1) if iteration % 2 == 0 else (1, 0)
-        for index in order:
-            started = time.perf_counter_ns()
-            sessions[index].run(None, feed)
-            timings[index].append(time.perf_counter_ns() - started)
-    batch_size = len(next(iter(feed.values())))
+    measured = profile_interleaved({"baseline": baseline, "candidate": candidate}, feed, threads, warmup, runs)
     return PairProfile(
-        batch_size=batch_size,
+        batch_size=len(next(iter(feed.values()))),
         threads=threads,
-        baseline=stats(timings[0], batch_size),
-        candidate=stats(timings[1], batch_size),
+        baseline=measured["baseline"],
+        candidate=measured["candidate"],
     )
 
 

