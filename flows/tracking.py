@@ -159,7 +159,7 @@ class Tracker:
                 signature=signature,
                 pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
                 onnx_execution_providers=["CPUExecutionProvider"],
-                save_as_external_data=False,
+                save_as_external_data=model_path.stat().st_size > 1_800_000_000 or any(model_path.parent.glob("*.data")),
             )
         try:
             self.client.get_registered_model(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,16 @@ def _all_initializers(graph: onnx.GraphProto):
                 yield from _all_initializers(subgraph)
 
 
+# protobuf's hard limit is 2 GiB; stay clear of it
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def uses_external_data(path: Path) -> bool:
+    """Whether outputs derived from this model should keep weights in a side `.data` file."""
+    files = model_files(path)
+    return len(files) > 1 or sum(file.stat().st_size for file in files) > EXTERNAL_DATA_THRESHOLD
+
+
 def file_sha256(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
@@ -91,14 +102,18 @@ def _tensor(value: onnx.ValueInfoProto) -> TensorInfo:
 
 
 def private_link(model: Path, directory: Path) -> Path:
-    """Symlink `model` (and its external data) into `directory`.
+    """Symlink `model` into `directory`, with a copy of its external data.
 
     ORT's quantizers write `<name>-inferred.onnx` beside the model they read, so two variants
-    quantized at once from the same file would overwrite each other's scratch file.
+    quantized at once from the same file would overwrite each other's scratch file. External data
+    is copied: onnx refuses it behind a symlink or a hard link (it guards against link attacks).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    for file in model_files(model):
-        link = directory / file.name
-        if not link.exists():
-            link.symlink_to(file.resolve())
-    return directory / model.name
+    model_file, *data_files = model_files(model)
+    target = directory / model_file.name
+    if not target.exists():
+        target.symlink_to(model_file.resolve())
+    for file in data_files:
+        if not (directory / file.name).exists():
+            shutil.copyfile(file, directory / file.name)
+    return target

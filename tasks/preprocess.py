@@ -12,6 +12,7 @@ from pathlib import Path
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from flows.spec import Preprocess, TransformerFusion
+from tasks.model import model_files, uses_external_data
 
 # quant_pre_process writes scratch files into the current directory, so it runs from a temp dir;
 # the working directory is process-wide, hence the lock.
@@ -49,12 +50,13 @@ def _run(model: Path, out: Path, options: Preprocess, *, skip_symbolic_shape: bo
             skip_optimization=options.skip_optimization,
             skip_symbolic_shape=skip_symbolic_shape,
             auto_merge=True,
+            save_as_external_data=uses_external_data(model),
+            all_tensors_to_one_file=True,
+            external_data_location=f"{out.name}.data",
         )
 
 
 def _copy_model(model: Path, out: Path) -> None:
-    from tasks.model import model_files
-
     for file in model_files(model):
         target = out if file == model else out.parent / file.name
         shutil.copyfile(file, target)
@@ -97,7 +99,7 @@ def fuse_transformer(model: Path, options: TransformerFusion, out: Path) -> Fuse
         provider="CPUExecutionProvider",
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    optimized.save_model_to_file(str(out), use_external_data_format=False)
+    optimized.save_model_to_file(str(out), use_external_data_format=uses_external_data(model))
     statistics = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
     notes = []
     if not statistics.get("Attention") and not statistics.get("MultiHeadAttention") and "attention" not in options.disable:

@@ -18,7 +18,7 @@ from flows.spec import DynamicVariant, Fp16Variant, StaticVariant, VariantBase, 
 from tasks.calibrate import ALL_QUANTIZABLE_OPS, ORT_METHODS, CalibrationRanges, calibration_key
 import tempfile
 
-from tasks.model import model_size_bytes, private_link
+from tasks.model import model_size_bytes, private_link, uses_external_data
 
 
 class QuantizationError(RuntimeError):
@@ -66,7 +66,7 @@ def _dynamic(model: Path, variant: DynamicVariant, ranges, out: Path) -> list[st
         reduce_range=variant.reduce_range,
         weight_type=QuantType[variant.weight_type],
         nodes_to_exclude=variant.nodes_to_exclude,
-        use_external_data_format=False,
+        use_external_data_format=uses_external_data(model),
         extra_options=dict(variant.extra_options),
     )
     return []
@@ -91,6 +91,7 @@ def _static(model: Path, variant: StaticVariant, ranges: Mapping[str, Calibratio
         weight_type=QuantType[variant.weight_type],
         nodes_to_exclude=list(variant.nodes_to_exclude),
         calibrate_method=ORT_METHODS[method],
+        use_external_data_format=uses_external_data(model),
         extra_options=dict(variant.extra_options),
     )
     return [f"ranges from the shared {key} calibration ({ranges[key].samples} samples)"]
@@ -109,7 +110,7 @@ def _weight_only_int4(model: Path, variant: WeightOnlyInt4Variant, ranges, out: 
         op_types_to_quantize=tuple(variant.op_types),
     )
     quantizer.process()
-    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=uses_external_data(model))
     converted = sum(node.op_type in ("MatMulNBits", "GatherBlockQuantized") for node in quantizer.model.model.graph.node)
     if converted == 0:
         raise QuantizationError(
@@ -125,7 +126,7 @@ def _fp16(model: Path, variant: Fp16Variant, ranges, out: Path) -> list[str]:
     converted = convert_float_to_float16(
         onnx.load(str(model)), keep_io_types=variant.keep_io_types, op_block_list=variant.op_block_list
     )
-    onnx.save(converted, str(out))
+    _save(converted, out, uses_external_data(model))
     return []
 
 
@@ -137,8 +138,15 @@ class Quantizer:
     wants_preprocessed: bool
 
 
+def _save(model: onnx.ModelProto, out: Path, external: bool) -> None:
+    if external:
+        onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{out.name}.data")
+    else:
+        onnx.save(model, str(out))
+
+
 def _fp32(model: Path, variant, ranges, out: Path) -> list[str]:
-    onnx.save(onnx.load(str(model)), str(out))
+    _save(onnx.load(str(model)), out, uses_external_data(model))
     return ["unquantized: the FP32 graph after pre-processing"]
 
 

@@ -147,3 +147,27 @@ def test_alias_moves_only_when_the_new_version_beats_the_holder():
     assert not beats_holder("latency", metric, {}, 9, {}, 10, 0.97).move
     assert beats_holder("latency", metric, {}, 9, {}, 10, 1.2).move
     assert not beats_holder("latency", metric, {}, 9, {}, 10, 1.02, latency_tolerance=0.03).move
+
+
+def test_external_data_model_goes_through_every_stage(tmp_path, digits_model):
+    # given a model whose weights live in a side .data file, as exporters write for big models
+    model = onnx.load(str(digits_model.model))
+    external = tmp_path / "src" / "model.onnx"
+    external.parent.mkdir()
+    onnx.save(model, str(external), save_as_external_data=True, all_tensors_to_one_file=True, location="weights.data", size_threshold=0)
+    info = inspect_model(external)
+    assert info.size_bytes > external.stat().st_size * 2  # the hash and size cover the .data file
+    # when it is pre-processed, calibrated, quantized and evaluated
+    pre = preprocess(external, Preprocess(), tmp_path / "pre" / "model.onnx")
+    assert list((tmp_path / "pre").glob("*.data")), "pre-processing keeps external data"
+    evaluation = load_dataset(DataSource(path=digits_model.evaluation, batch_size=64), info.input_dtypes)
+    reference = run_model(external, evaluation)
+    calibration = load_dataset(DataSource(path=digits_model.calibration), info.input_dtypes)
+    ranges = calibrate(pre.path, calibration, "minmax", Calibration(data=DataSource(path=pre.path)), tmp_path / "r.json")
+    for variant in (
+        DynamicVariant(kind="dynamic", name="d", per_channel=True),
+        StaticVariant(kind="static", name="s", calibration_method="minmax"),
+    ):
+        result = quantize(pre.path, variant, {"minmax": ranges}, tmp_path / variant.name / "model.onnx")
+        # then every variant loads with its weights and stays accurate
+        assert evaluate_model(result.path, evaluation, reference, METRICS).metrics["top1"] > digits_model.fp32_top1 - 0.02
