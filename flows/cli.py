@@ -71,7 +71,16 @@ def run(
     configure_environment()
     from flows.pipeline import quantization_pipeline
 
-    outcome = quantization_pipeline(str(spec_file.resolve()))
+    from tasks.data import DataError
+    from tasks.export import ExportError
+
+    try:
+        outcome = quantization_pipeline(str(spec_file.resolve()))
+    except (DataError, ExportError) as error:
+        # the data or the model does not fit the spec: bad input, reported like a spec error;
+        # the MLflow run was already ended FAILED with this error, and nothing was registered
+        err.print(f"[red]error[/] {spec_file}: {type(error).__name__}: {error}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     if outcome["selected"] is None:
         out.print(f"[yellow]{outcome['summary']}; nothing promoted[/]")
 

@@ -67,10 +67,18 @@ def load_dataset(
     `ignore_extra_inputs` drops arrays the model has no input for (an exporter prunes unused inputs,
     e.g. `token_type_ids`), instead of calling that an error.
     """
+    try:
+        return _load(source, input_dtypes, max_samples, base_dir, tokenize, ignore_extra_inputs)
+    except DataError as error:
+        origin = source.path or source.texts or source.callable
+        raise DataError(f"{origin}: {error}") from error
+
+
+def _load(source, input_dtypes, max_samples, base_dir, tokenize, ignore_extra_inputs) -> Dataset:
     limit = min(filter(None, (source.limit, max_samples)), default=None)
     if source.texts is not None:
         if tokenize is None:
-            raise DataError(f"{source.texts}: texts need a tokenizer (a huggingface model source)")
+            raise DataError("texts need a tokenizer (a huggingface model source)")
         raw = _from_texts(source.texts, tokenize, source.batch_size, limit)
     elif source.callable is not None:
         raw = _from_callable(source.callable, base_dir)
@@ -82,7 +90,7 @@ def load_dataset(
         raise DataError("data source has neither path nor callable")
     batches = tuple(_truncate((_checked(batch, input_dtypes, ignore_extra_inputs) for batch in raw), limit))
     if not batches:
-        raise DataError(f"data source {source.path or source.callable} gave no samples")
+        raise DataError("the data source gave no samples")
     return Dataset(batches=batches, fingerprint=fingerprint(batches))
 
 

@@ -135,3 +135,20 @@ def test_bad_spec_exits_2_and_writes_nothing(tmp_path, digits_model, mlflow_stor
     assert result.exit_code == 2
     assert f"{path}:11: variants[1].per_channel" in result.output
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_data_that_does_not_fit_the_model_exits_2_with_a_failed_run(tmp_path, digits_model, mlflow_store):
+    import numpy as np
+
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, image=np.zeros((4, 64), np.float32))  # the model's input is called `pixels`
+    path = spec_file(tmp_path, digits_model)
+    path.write_text(path.read_text().replace(str(digits_model.evaluation), str(wrong)))
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"{wrong}: data does not match the model inputs ['pixels']" in result.output
+    client = MlflowClient(mlflow_store)
+    parents, children = runs_of(client, "digits-e2e")
+    assert [p.info.status for p in parents] == ["FAILED"] and not children
+    assert "DataError" in parents[0].data.tags["int8flow.error"]
+    assert client.search_registered_models() == []
