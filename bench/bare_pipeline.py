@@ -16,11 +16,11 @@ from pathlib import Path
 
 from flows.spec import StaticVariant
 from flows.specfile import load_spec
-from tasks.calibrate import calibrate
+from tasks.calibrate import calibrate, calibration_key
 from tasks.data import load_dataset
 from tasks.evaluate import evaluate, evaluate_model, run_model
 from tasks.model import inspect_model
-from tasks.preprocess import preprocess
+from tasks.preprocess import fuse_transformer, preprocess
 from tasks.profile import input_feed, profile_pair, profile_single
 from tasks.quantize import QUANTIZERS, quantize
 from tasks.select import Candidate, select
@@ -51,16 +51,23 @@ def main(spec_file: str) -> None:
             for threads in spec.profiling.threads:
                 profile_single(source.path, input_feed(eval_data, batch_size), threads, spec.profiling.warmup, spec.profiling.runs)
         variants = spec.resolved_variants()
+        graphs = {(False, False): source.path, (False, True): pre.path}
+        if any(v.fused for v in variants):
+            fused = fuse_transformer(source.path, spec.preprocess.transformer_fusion, work / "fused" / "model.onnx")
+            graphs[(True, False)] = graphs[(True, True)] = fused.path
         ranges = {}
-        methods = sorted({v.calibration_method for v in variants if isinstance(v, StaticVariant)})
-        if methods and spec.calibration:
+        keys = {calibration_key(v): v.fused for v in variants if isinstance(v, StaticVariant)}
+        if keys and spec.calibration:
             calib = load_dataset(spec.calibration.data, source.input_dtypes, max_samples=spec.calibration.samples, base_dir=base_dir, tokenize=tokenize, ignore_extra_inputs=exported)
-            ranges = {m: calibrate(pre.path, calib, m, spec.calibration, work / f"{m}.json") for m in methods}
+            ranges = {
+                key: calibrate(graphs[(fused, True)], calib, key.split("@")[0], spec.calibration, work / f"{key}.json")
+                for key, fused in keys.items()
+            }
         candidates = []
         for variant in variants:
             try:
-                start = pre.path if QUANTIZERS[variant.kind].wants_preprocessed else source.path
-                quantized = quantize(start, variant, ranges, work / str(variant.name) / "model.onnx")
+                start = graphs[(variant.fused, QUANTIZERS[variant.kind].wants_preprocessed)]
+                quantized = quantize(start, variant, ranges, work / str(variant.name) / "model.onnx", spec.preprocess.transformer_fusion)
                 scores = evaluate_model(quantized.path, eval_data, reference, spec.evaluation.metrics, spec.evaluation.output)
                 pairs = [
                     profile_pair(source.path, quantized.path, input_feed(eval_data, b), t, spec.profiling.warmup, spec.profiling.runs)

@@ -155,6 +155,7 @@ def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str,
     quantized = {
         name: quantize_task.with_options(task_run_name=f"quantize[{name}]").submit(
             graphs[_graph_key(outcome.variant)], outcome.variant, ranges, variant_paths[name],
+            spec.preprocess.transformer_fusion,
         )
         for name, outcome in outcomes.items()
         if outcome.error is None
@@ -256,11 +257,10 @@ def _graphs(spec, variants, source_path: Path, pre_path: Path, work: Path, track
         for note in fused.notes:
             say("fuse", f"[yellow]{note}[/]")
         tracker.log_metrics(parent, {f"fusion.{op}": n for op, n in fused.fused_ops.items()})
-        if any(QUANTIZERS[v.kind].wants_preprocessed for v in fused_variants):
-            fused_pre = preprocess_task(fused.path, spec.preprocess, work / "fused-preprocessed" / "model.onnx")
-            for note in fused_pre.notes:
-                say("pre-process", f"[yellow]fused graph: {note}[/]")
-            graphs[(True, True)] = fused_pre.path
+        # The transformer optimizer is the fused graph's pre-processing: quant_pre_process's ORT
+        # optimisation pass would re-create fusions left out (SkipLayerNormalization) and its
+        # value_info, undoing `disable`/`strip_value_info`.
+        graphs[(True, True)] = fused.path
     except Exception as error:
         say("fuse", f"[red]transformer fusion failed[/]: {_describe(error)}")
         for variant in fused_variants:

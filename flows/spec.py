@@ -353,6 +353,22 @@ class TransformerFusion(StrictModel):
     disable: list[
         Literal["attention", "skip_layer_norm", "embed_layer_norm", "bias_gelu", "gelu", "layer_norm", "bias_skip_layer_norm"]
     ] = Field(default_factory=list, description="Fusions to leave out (FusionOptions `enable_*` = False).")
+    attention_mask: Literal["raw", "mask_index_end"] = Field(
+        default="raw",
+        description="Mask format of fused Attention: `raw` (the 0/1 mask, right for any padding side) or "
+        "ORT's `mask_index_end` (silently wrong for left-padded inputs).",
+    )
+    mask_filter_value: float | None = Field(
+        default=None,
+        lt=0,
+        description="Score given to masked positions in fused (Q)Attention; ORT's default -10000 makes "
+        "softmax produce denormal floats, very slow on some x86 CPUs; -30 already gives weight ~1e-13.",
+    )
+    strip_value_info: bool = Field(
+        default=False,
+        description="Drop shape hints (value_info) from fused variants, so ORT cannot re-create a fusion "
+        "left out in `disable` (e.g. SkipLayerNormalization, whose CPU kernel is slow) at load time.",
+    )
 
 
 class Preprocess(StrictModel):

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"
-exec .venv/bin/int8flow run "${1:-pipelines/orientation-int8.yaml}"
+exec .venv/bin/int8flow run "${1:-pipelines/minilm-int8.yaml}"

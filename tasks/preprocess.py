@@ -6,6 +6,8 @@ import contextlib
 import shutil
 import tempfile
 import threading
+
+import onnx
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,12 +84,14 @@ _FUSION_FLAGS = {
 
 def fuse_transformer(model: Path, options: TransformerFusion, out: Path) -> FusedModel:
     """Apply ORT's transformer fusions (Attention, SkipLayerNorm, BiasGelu, ...) and save to `out`."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     fusion_options = FusionOptions(options.model_type)
     for name in options.disable:
         setattr(fusion_options, _FUSION_FLAGS[name], False)
+    if options.attention_mask == "raw":
+        fusion_options.attention_mask_format = AttentionMaskFormat.AttentionMask
     optimized = optimize_model(
         str(model),
         model_type=options.model_type,
@@ -99,9 +103,30 @@ def fuse_transformer(model: Path, options: TransformerFusion, out: Path) -> Fuse
         provider="CPUExecutionProvider",
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    optimized.save_model_to_file(str(out), use_external_data_format=uses_external_data(model))
     statistics = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+    finish_transformer_graph(optimized.model, options)
+    optimized.save_model_to_file(str(out), use_external_data_format=uses_external_data(model))
     notes = []
     if not statistics.get("Attention") and not statistics.get("MultiHeadAttention") and "attention" not in options.disable:
         notes.append("no Attention was fused: the attention subgraph did not match ORT's patterns")
     return FusedModel(out, statistics, notes)
+
+
+def finish_transformer_graph(model: onnx.ModelProto, options: TransformerFusion) -> list[str]:
+    """The graph edits `options` ask for, in place: mask filter value on (Q)Attention, no value_info.
+
+    Applied to the fused graph and again to each fused variant, since quantizers add value_info back.
+    """
+    notes = []
+    if options.mask_filter_value is not None:
+        attention = [node for node in model.graph.node if node.op_type in ("Attention", "QAttention")]
+        for node in attention:
+            kept = [a for a in node.attribute if a.name != "mask_filter_value"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, onnx.helper.make_attribute("mask_filter_value", options.mask_filter_value)])
+        if attention:
+            notes.append(f"mask_filter_value {options.mask_filter_value:g} on {len(attention)} attention nodes")
+    if options.strip_value_info and len(model.graph.value_info):
+        del model.graph.value_info[:]
+        notes.append("value_info dropped (ORT cannot re-create fusions left out at load)")
+    return notes

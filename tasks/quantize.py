@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-from flows.spec import DynamicVariant, Fp16Variant, StaticVariant, VariantBase, WeightOnlyInt4Variant
+from flows.spec import DynamicVariant, Fp16Variant, StaticVariant, TransformerFusion, VariantBase, WeightOnlyInt4Variant
 from tasks.calibrate import ALL_QUANTIZABLE_OPS, ORT_METHODS, CalibrationRanges, calibration_key
 import tempfile
 
@@ -35,15 +35,24 @@ class QuantizedModel:
 
 
 def quantize(
-    model: Path, variant: VariantBase, ranges: Mapping[str, CalibrationRanges], out: Path
+    model: Path,
+    variant: VariantBase,
+    ranges: Mapping[str, CalibrationRanges],
+    out: Path,
+    fusion: TransformerFusion | None = None,
 ) -> QuantizedModel:
-    """Write `variant` of `model` to `out`, using precomputed calibration `ranges` (by method)."""
+    """Write `variant` of `model` to `out`, using precomputed calibration `ranges` (by method).
+
+    `fusion`: for a `fused` variant, the transformer-graph edits to apply again to the result.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="int8flow-quant-") as scratch:
             source = private_link(model, Path(scratch))
             notes = QUANTIZERS[variant.kind].function(source, variant, ranges, out)  # type: ignore[attr-defined]
+        if variant.fused and fusion is not None:
+            notes = [*(notes or []), *_finish(out, fusion)]
     except QuantizationError:
         raise
     except Exception as error:
@@ -57,7 +66,29 @@ def quantize(
     )
 
 
+def _finish(out: Path, fusion: TransformerFusion) -> list[str]:
+    from tasks.preprocess import finish_transformer_graph
+
+    model = onnx.load(str(out))
+    notes = finish_transformer_graph(model, fusion)
+    _save(model, out, uses_external_data(out))
+    return notes
+
+
+def _extra_options(model: Path, extra_options: dict) -> tuple[dict, list[str]]:
+    """ORT's quantizers type every tensor with ONNX shape inference, which cannot type contrib ops
+    (Attention, BiasGelu, ...): "Unable to find data type for weight_name". Fused graphs hold float
+    tensors, so float is the right default there."""
+    options = dict(extra_options)
+    graph = onnx.load(str(model), load_external_data=False).graph
+    if "DefaultTensorType" not in options and any(node.domain == "com.microsoft" for node in graph.node):
+        options["DefaultTensorType"] = onnx.TensorProto.FLOAT
+        return options, ["contrib ops in the graph: DefaultTensorType=FLOAT for tensors shape inference cannot type"]
+    return options, []
+
+
 def _dynamic(model: Path, variant: DynamicVariant, ranges, out: Path) -> list[str]:
+    extra_options, notes = _extra_options(model, variant.extra_options)
     quantize_dynamic(
         model,
         out,
@@ -67,9 +98,9 @@ def _dynamic(model: Path, variant: DynamicVariant, ranges, out: Path) -> list[st
         weight_type=QuantType[variant.weight_type],
         nodes_to_exclude=variant.nodes_to_exclude,
         use_external_data_format=uses_external_data(model),
-        extra_options=dict(variant.extra_options),
+        extra_options=extra_options,
     )
-    return []
+    return notes
 
 
 def _static(model: Path, variant: StaticVariant, ranges: Mapping[str, CalibrationRanges], out: Path) -> list[str]:
@@ -78,6 +109,7 @@ def _static(model: Path, variant: StaticVariant, ranges: Mapping[str, Calibratio
     if key not in ranges:
         raise QuantizationError(f"no {method} calibration ranges were computed for this variant")
     op_types = [op for op in (variant.op_types or ALL_QUANTIZABLE_OPS) if op not in variant.op_types_to_exclude]
+    extra_options, notes = _extra_options(model, variant.extra_options)
     quantize_static(
         model,
         out,
@@ -92,9 +124,9 @@ def _static(model: Path, variant: StaticVariant, ranges: Mapping[str, Calibratio
         nodes_to_exclude=list(variant.nodes_to_exclude),
         calibrate_method=ORT_METHODS[method],
         use_external_data_format=uses_external_data(model),
-        extra_options=dict(variant.extra_options),
+        extra_options=extra_options,
     )
-    return [f"ranges from the shared {key} calibration ({ranges[key].samples} samples)"]
+    return [*notes, f"ranges from the shared {key} calibration ({ranges[key].samples} samples)"]
 
 
 def _weight_only_int4(model: Path, variant: WeightOnlyInt4Variant, ranges, out: Path) -> list[str]:

@@ -162,3 +162,51 @@ def test_onnx_only_path_works_without_torch(digits_model, tmp_path):
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parent.parent)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_onnx(tiny_bert, tmp_path_factory):
+    work = tmp_path_factory.mktemp("tiny-bert-onnx")
+    source = HuggingFaceModelSource.model_validate({"source": "huggingface", "path": str(tiny_bert), "max_length": 32})
+    texts = work / "texts.txt"
+    texts.write_text("\n".join(f"Sentence number {i} talks about {'cats' if i % 2 else 'the weather today'}." for i in range(24)))
+    tokenize = hf_tokenizer(source)
+    data = load_dataset(DataSource(texts=texts, batch_size=8), declared_input_dtypes(source), tokenize=tokenize)
+    exported = export_huggingface(source, data.batches, work / "model.onnx")
+    return exported.path, data
+
+
+def test_transformer_fusion_options_shape_the_fused_graph_and_its_int8_variant(tiny_bert_onnx, tmp_path):
+    import onnx
+
+    from flows.spec import DynamicVariant, Metric, TransformerFusion
+    from tasks.evaluate import evaluate_model, run_model
+    from tasks.preprocess import fuse_transformer
+    from tasks.quantize import quantize
+
+    model, data = tiny_bert_onnx
+    options = TransformerFusion(
+        num_heads=2, hidden_size=32, disable=["skip_layer_norm", "bias_skip_layer_norm", "embed_layer_norm"],
+        mask_filter_value=-30.0, strip_value_info=True,
+    )
+    fused = fuse_transformer(model, options, tmp_path / "fused" / "model.onnx")
+    assert fused.fused_ops.get("Attention") == 2, fused.fused_ops  # one per layer
+    graph = onnx.load(str(fused.path)).graph
+    ops = {node.op_type for node in graph.node}
+    assert "SkipLayerNormalization" not in ops and "EmbedLayerNormalization" not in ops
+    assert not graph.value_info
+    attention = [n for n in graph.node if n.op_type == "Attention"]
+    assert all(onnx.helper.get_attribute_value(a) == -30.0 for n in attention for a in n.attribute if a.name == "mask_filter_value")
+
+    # the fused FP32 graph computes the same embeddings, padding included
+    reference = run_model(model, data)
+    metrics = [Metric(name="cosine")]
+    assert evaluate_model(fused.path, data, reference, metrics).metrics["cosine_min"] > 0.99999
+
+    # dynamic int8 of the fused graph: contrib ops get float as default type, QAttention keeps the edits
+    variant = DynamicVariant(kind="dynamic", name="q", fused=True, per_channel=True, op_types=["MatMul", "Attention", "Gather"])
+    result = quantize(fused.path, variant, {}, tmp_path / "q" / "model.onnx", options)
+    assert any("DefaultTensorType" in note for note in result.notes)
+    quantized = onnx.load(str(result.path)).graph
+    assert {"QAttention", "DynamicQuantizeLinear"} <= {n.op_type for n in quantized.node} and not quantized.value_info
+    assert evaluate_model(result.path, data, reference, metrics).metrics["cosine"] > 0.98
