@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("spec")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per model at batch 1")
     parser.add_argument("--runs-b32", type=int, default=10, help="timed runs per model at batch 32")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs per model at batch 1 (1 at batch 32)")
     args = parser.parse_args()
     spec_path = Path(args.spec).resolve()
     spec = load_spec(spec_path)
@@ -64,6 +64,13 @@ def main() -> None:
     tracker = Tracker(os.environ.get("MLFLOW_TRACKING_URI"))
     holder = tracker.alias_holder(spec.registry.model_name, spec.registry.alias)
     models = {"FP32": fp32}
+    if spec.preprocess.transformer_fusion is not None:
+        # the pipeline's fused graph without int8: shows how much of the gain is fusion alone
+        from tasks.preprocess import fuse_transformer
+
+        models["FP32 fused (pipeline's graph edits, no int8)"] = fuse_transformer(
+            fp32, spec.preprocess.transformer_fusion, work / "fused" / "model.onnx"
+        ).path
     if holder is not None:
         models[f"int8flow promoted ({holder.tags.get('int8flow.variant')})"] = tracker.download_version(
             spec.registry.model_name, str(holder.version), work / "promoted"
@@ -82,8 +89,8 @@ def main() -> None:
     configs = [(1, 1), (1, 2), (32, 1), (32, 2)]
     latency = {}
     for batch_size, threads in configs:
-        runs = args.runs if batch_size == 1 else args.runs_b32
-        latency[(batch_size, threads)] = profile_interleaved(models, input_feed(evaluation, batch_size), threads, args.warmup, runs)
+        runs, warmup = (args.runs, args.warmup) if batch_size == 1 else (args.runs_b32, 1)
+        latency[(batch_size, threads)] = profile_interleaved(models, input_feed(evaluation, batch_size), threads, warmup, runs)
 
     shape = " x ".join(str(d) for d in next(iter(input_feed(evaluation, 1).values())).shape[1:])
     print(f"### {spec.name} (input per sample: {shape}; {metric.name} on {evaluation.samples} evaluation samples)\n")

@@ -30,6 +30,7 @@ class PreprocessedModel:
 
 def preprocess(model: Path, options: Preprocess, out: Path) -> PreprocessedModel:
     """Write the pre-processed model to `out`; fall back to no symbolic shape inference if it fails."""
+    model, out = model.resolve(), out.resolve()  # it runs from a temp working directory
     out.parent.mkdir(parents=True, exist_ok=True)
     if not options.quant_pre_process:
         _copy_model(model, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -194,3 +195,32 @@ def test_external_data_model_goes_through_every_stage(tmp_path, digits_model):
         result = quantize(pre.path, variant, {"minmax": ranges}, tmp_path / variant.name / "model.onnx")
         # then every variant loads with its weights and stays accurate
         assert evaluate_model(result.path, evaluation, reference, METRICS).metrics["top1"] > digits_model.fp32_top1 - 0.02
+
+
+def test_preprocess_falls_back_when_symbolic_shape_inference_fails(tmp_path):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    # given a graph with an ORT contrib op (CDist) that symbolic shape inference does not know
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("CDist", ["x", "B"], ["d"], domain="com.microsoft", metric="euclidean"),
+        helper.make_node("MatMul", ["d", "W"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "cdist", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(rng.normal(size=(5, 8)).astype(np.float32), "B"),
+         numpy_helper.from_array(rng.normal(size=(5, 3)).astype(np.float32), "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "cdist.onnx"))
+    # when pre-processed, then it is retried without symbolic shape inference, and says so
+    result = preprocess(tmp_path / "cdist.onnx", Preprocess(), tmp_path / "pre" / "model.onnx")
+    assert not result.symbolic_shape_inference
+    assert "symbolic shape inference failed" in result.notes[0] and "pre-processed without it" in result.notes[0]
+    feed = {"x": rng.normal(size=(4, 8)).astype(np.float32)}
+    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]  # noqa: E731
+    np.testing.assert_allclose(run(result.path), run(tmp_path / "cdist.onnx"), rtol=1e-5)
+    assert not list(Path.cwd().glob("sym_shape_infer_temp.onnx")), "no scratch file left in the working directory"
