@@ -1,8 +1,9 @@
 """The same ONNX Runtime work as `int8flow run SPEC`, with no Prefect and no MLflow.
 
-Used to measure the pipeline's overhead: export, pre-process, FP32 evaluation and profile,
-calibration once per method, quantize + evaluate + profile every variant, select. Same stage
-functions, same data, same variants, same profiling settings; nothing is logged or registered.
+Used to measure the pipeline's overhead: export, pre-process, fusion, FP32 evaluation and profile,
+calibration once per method, quantize + evaluate every variant on two worker threads (as the flow
+does), profile one at a time, select. Same stage functions, data, variants and profiling settings;
+nothing is logged or registered.
 
     python bench/bare_pipeline.py pipelines/mnist-cnn-int8.yaml
 """
@@ -10,6 +11,7 @@ functions, same data, same variants, same profiling settings; nothing is logged 
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 import tempfile
 import time
 from pathlib import Path
@@ -63,12 +65,18 @@ def main(spec_file: str) -> None:
                 key: calibrate(graphs[(fused, True)], calib, key.split("@")[0], spec.calibration, work / f"{key}.json")
                 for key, fused in keys.items()
             }
+        def quantize_and_evaluate(variant):
+            start = graphs[(variant.fused, QUANTIZERS[variant.kind].wants_preprocessed)]
+            quantized = quantize(start, variant, ranges, work / str(variant.name) / "model.onnx", spec.preprocess.transformer_fusion)
+            return quantized, evaluate_model(quantized.path, eval_data, reference, spec.evaluation.metrics, spec.evaluation.output)
+
+        # two workers, as the flow's task runner: the comparison is orchestration, not concurrency
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            futures = {variant.name: pool.submit(quantize_and_evaluate, variant) for variant in variants}
         candidates = []
         for variant in variants:
             try:
-                start = graphs[(variant.fused, QUANTIZERS[variant.kind].wants_preprocessed)]
-                quantized = quantize(start, variant, ranges, work / str(variant.name) / "model.onnx", spec.preprocess.transformer_fusion)
-                scores = evaluate_model(quantized.path, eval_data, reference, spec.evaluation.metrics, spec.evaluation.output)
+                quantized, scores = futures[variant.name].result()
                 pairs = [
                     profile_pair(source.path, quantized.path, input_feed(eval_data, b), t, spec.profiling.warmup, spec.profiling.runs)
                     for b in spec.profiling.batch_sizes
