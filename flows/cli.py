@@ -64,11 +64,12 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's own task-run logs."),
 ) -> None:
     """Run the whole pipeline: quantize, evaluate, profile, select, register."""
-    _validated(spec_file)  # bad input stops here, before any run is created
+    spec = _validated(spec_file)  # bad input stops here, before any run is created
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     from flows.tracking import configure_environment
 
     configure_environment()
+    _overlapped_startup(spec)
     from flows.pipeline import quantization_pipeline
 
     from tasks.data import DataError
@@ -83,6 +84,38 @@ def run(
         raise typer.Exit(EXIT_BAD_INPUT) from None
     if outcome["selected"] is None:
         out.print(f"[yellow]{outcome['summary']}; nothing promoted[/]")
+
+
+def _overlapped_startup(spec) -> None:
+    """Start Prefect's ephemeral server while this process opens the MLflow store and imports the
+    exporter's libraries: three fixed costs of several seconds each, paid side by side.
+
+    Only in the embedded default (no `PREFECT_API_URL`); the flow would start the same server itself.
+    """
+    import contextlib
+    import threading
+
+    from prefect.server.api.server import SubprocessASGIServer  # imported here, not in the thread
+    from prefect.settings import PREFECT_API_URL
+
+    def start_server() -> None:
+        with contextlib.suppress(Exception):  # if it fails, the flow starts it and reports the error
+            SubprocessASGIServer().start()
+
+    starter = None
+    if not PREFECT_API_URL.value():
+        starter = threading.Thread(target=start_server, name="prefect-ephemeral-start", daemon=True)
+        starter.start()
+    from flows.tracking import Tracker
+
+    Tracker().experiment_id(spec.name)  # creates the SQLite schema on a fresh store
+    if spec.model.source != "onnx":
+        import torch  # noqa: F401
+
+        if spec.model.source == "huggingface":
+            import transformers  # noqa: F401
+    if starter is not None:
+        starter.join()
 
 
 if __name__ == "__main__":
