@@ -45,6 +45,24 @@ def session(model: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
 
 
+ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def feed_for(runner: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`inputs` cast to the session's own input types (an fp16 variant without kept IO types takes
+    float16); the data is the same for every model."""
+    wanted = {value.name: ORT_TYPES.get(value.type) for value in runner.get_inputs()}
+    return {
+        name: array.astype(wanted[name], copy=False) if wanted.get(name) is not None else array
+        for name, array in inputs.items()
+        if name in wanted
+    }
+
+
 def run_model(model: Path, dataset: Dataset, output: str | None = None, threads: int = 1) -> ModelOutputs:
     started = time.perf_counter()
     try:
@@ -56,10 +74,17 @@ def run_model(model: Path, dataset: Dataset, output: str | None = None, threads:
     if output_name not in names:
         raise EvaluationError(f"model has no output {output_name!r}; outputs: {names}")
     try:
-        batches = tuple(np.asarray(runner.run([output_name], batch.inputs)[0]) for batch in dataset.batches)
+        batches = tuple(
+            _widened(np.asarray(runner.run([output_name], feed_for(runner, batch.inputs))[0]))
+            for batch in dataset.batches
+        )
     except Exception as error:
         raise EvaluationError(f"inference failed: {error}") from error
     return ModelOutputs(output_name=output_name, batches=batches, seconds=time.perf_counter() - started)
+
+
+def _widened(output: np.ndarray) -> np.ndarray:
+    return output.astype(np.float32) if output.dtype == np.float16 else output
 
 
 def evaluate(

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.data import Dataset
-from tasks.evaluate import session
+from tasks.evaluate import feed_for, session
 
 
 @dataclass(frozen=True)
@@ -80,15 +80,16 @@ def profile_interleaved(
     """
     names = list(models)
     sessions = {name: session(models[name], threads) for name in names}
+    feeds = {name: feed_for(sessions[name], feed) for name in names}
     for _ in range(warmup):
         for name in names:
-            sessions[name].run(None, feed)
+            sessions[name].run(None, feeds[name])
     timings: dict[str, list[int]] = {name: [] for name in names}
     for iteration in range(runs):
         shift = iteration % len(names)
         for name in names[shift:] + names[:shift]:
             started = time.perf_counter_ns()
-            sessions[name].run(None, feed)
+            sessions[name].run(None, feeds[name])
             timings[name].append(time.perf_counter_ns() - started)
     batch_size = len(next(iter(feed.values())))
     return {name: stats(timings[name], batch_size) for name in names}
@@ -109,6 +110,7 @@ def profile_pair(
 
 def profile_single(model: Path, feed: dict[str, np.ndarray], threads: int, warmup: int, runs: int) -> LatencyStats:
     runner = session(model, threads)
+    feed = feed_for(runner, feed)
     for _ in range(warmup):
         runner.run(None, feed)
     timings = []

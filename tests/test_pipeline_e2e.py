@@ -152,3 +152,31 @@ def test_data_that_does_not_fit_the_model_exits_2_with_a_failed_run(tmp_path, di
     assert [p.info.status for p in parents] == ["FAILED"] and not children
     assert "DataError" in parents[0].data.tags["int8flow.error"]
     assert client.search_registered_models() == []
+
+
+def test_alias_stays_with_a_better_holder_and_is_not_compared_across_evaluation_sets(tmp_path, digits_model, mlflow_store):
+    client = MlflowClient(mlflow_store)
+    # given a champion: the smallest variant (dynamic int8) of a first run
+    first = runner.invoke(app, ["run", str(spec_file(tmp_path, digits_model))])
+    assert first.exit_code == 0, first.output
+    champion = client.get_model_version_by_alias("digits-mlp", "champion")
+
+    # when a later run can only offer fp16 (bigger) on the same evaluation data
+    only_fp16 = spec_file(tmp_path, digits_model)
+    text = only_fp16.read_text()
+    variants = text[text.index("variants:"):text.index("profiling:")]
+    only_fp16.write_text(text.replace(variants, "variants:\n  - kind: fp16\n"))
+    second = runner.invoke(app, ["run", str(only_fp16)])
+    # then fp16 is registered as its own version, but the alias stays with the better holder
+    assert second.exit_code == 0, second.output
+    assert "@champion unchanged" in second.output and "new size" in second.output
+    assert len(client.search_model_versions("name='digits-mlp'")) == 2
+    assert client.get_model_version_by_alias("digits-mlp", "champion").version == champion.version
+
+    # when the evaluation data differs, the versions are not compared at all
+    fewer = only_fp16.read_text().replace("batch_size: 64}", "batch_size: 64, limit: 200}")
+    only_fp16.write_text(fewer)
+    third = runner.invoke(app, ["run", str(only_fp16)])
+    assert third.exit_code == 0, third.output
+    assert "evaluated on different data" in third.output and "not compared" in third.output
+    assert client.get_model_version_by_alias("digits-mlp", "champion").version == champion.version

@@ -122,6 +122,16 @@ def test_fp16_halves_the_weights_and_keeps_float32_io(prepared, digits_model):
     assert evaluate_model(result.path, evaluation, reference, METRICS).metrics["cosine"] > 0.9999
 
 
+def test_fp16_without_kept_io_types_gets_float16_inputs(prepared, digits_model):
+    info, _, evaluation, _, reference, work = prepared
+    variant = Fp16Variant(kind="fp16", name="h16", keep_io_types=False)
+    result = quantize(digits_model.model, variant, {}, work / "fp16-io" / "model.onnx")
+    assert inspect_model(result.path).inputs[0].dtype == "float16"
+    assert evaluate_model(result.path, evaluation, reference, METRICS).metrics["top1"] >= digits_model.fp32_top1 - 0.01
+    pair = profile_pair(digits_model.model, result.path, input_feed(evaluation, 4), threads=1, warmup=1, runs=5)
+    assert pair.candidate.runs == 5
+
+
 def test_profile_pair_interleaves_same_feed(prepared, digits_model):
     info, pre, evaluation, *_ = prepared
     feed = input_feed(evaluation, 32)
