@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Multi-user servers on this machine, on 127.0.0.1: an MLflow tracking server (PostgreSQL backend store,
+# served artifacts) and a Prefect server (PostgreSQL). Usage:
+#   bash infra/servers.sh start    # creates the databases if missing, starts both, waits until healthy
+#   bash infra/servers.sh status
+#   bash infra/servers.sh stop
+#   eval "$(bash infra/servers.sh env)"   # MLFLOW_TRACKING_URI / PREFECT_API_URL for int8flow
+# Settings (env): PGHOST=127.0.0.1 PGPORT=5432 PGUSER=postgres INT8FLOW_INFRA_DIR=.int8flow-infra
+#                 MLFLOW_PORT=5000 PREFECT_PORT=4200
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-5432}" PGUSER="${PGUSER:-postgres}"
+STATE="${INT8FLOW_INFRA_DIR:-$PWD/.int8flow-infra}"
+MLFLOW_PORT="${MLFLOW_PORT:-5000}" PREFECT_PORT="${PREFECT_PORT:-4200}"
+BIN="${INT8FLOW_BIN:-$PWD/.venv/bin}"
+MLFLOW_DB=int8flow_mlflow PREFECT_DB=int8flow_prefect
+
+env_lines() {
+  echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT"
+  echo "export PREFECT_API_URL=http://127.0.0.1:$PREFECT_PORT/api"
+}
+
+create_db() {
+  psql -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -tAc "select 1 from pg_database where datname='$1'" | grep -q 1 ||
+    psql -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -qc "create database $1"
+}
+
+wait_for() {  # url, name, seconds
+  for _ in $(seq 1 "$3"); do
+    curl -fsS "$1" >/dev/null 2>&1 && { echo "$2 up: $1"; return 0; }
+    sleep 1
+  done
+  echo "$2 did not come up in $3 s; see $STATE/$2.log" >&2
+  return 1
+}
+
+start() {
+  mkdir -p "$STATE/artifacts"
+  create_db "$MLFLOW_DB"
+  create_db "$PREFECT_DB"
+  if [ ! -f "$STATE/mlflow.pid" ] || ! kill -0 "$(cat "$STATE/mlflow.pid")" 2>/dev/null; then
+    MLFLOW_DISABLE_TELEMETRY=true setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
+      --backend-store-uri "postgresql+psycopg2://$PGUSER@$PGHOST:$PGPORT/$MLFLOW_DB" \
+      --artifacts-destination "$STATE/artifacts" --serve-artifacts --workers 2 \
+      >"$STATE/mlflow.log" 2>&1 &
+    echo $! >"$STATE/mlflow.pid"
+  fi
+  if [ ! -f "$STATE/prefect.pid" ] || ! kill -0 "$(cat "$STATE/prefect.pid")" 2>/dev/null; then
+    PREFECT_HOME="$STATE/prefect-home" PREFECT_SERVER_ANALYTICS_ENABLED=false \
+      PREFECT_API_DATABASE_CONNECTION_URL="postgresql+asyncpg://$PGUSER@$PGHOST:$PGPORT/$PREFECT_DB" \
+      setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT" \
+      >"$STATE/prefect.log" 2>&1 &
+    echo $! >"$STATE/prefect.pid"
+  fi
+  wait_for "http://127.0.0.1:$MLFLOW_PORT/health" mlflow 90
+  wait_for "http://127.0.0.1:$PREFECT_PORT/api/health" prefect 120
+}
+
+stop() {
+  for name in prefect mlflow; do
+    if [ -f "$STATE/$name.pid" ]; then
+      pid="$(cat "$STATE/$name.pid")"
+      kill -- -"$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true  # setsid: the whole process group
+      for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+      rm -f "$STATE/$name.pid"
+      echo "$name stopped"
+    fi
+  done
+}
+
+status() {
+  for name in mlflow prefect; do
+    if [ -f "$STATE/$name.pid" ] && kill -0 "$(cat "$STATE/$name.pid")" 2>/dev/null; then echo "$name running (pid $(cat "$STATE/$name.pid"))"; else echo "$name stopped"; fi
+  done
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  env) env_lines ;;
+  *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+esac
