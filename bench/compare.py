@@ -16,23 +16,15 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
+from onnxruntime.quantization import quantize_dynamic, quantize_static
 
 from flows.specfile import load_spec
 from flows.tracking import Tracker
+from tasks.calibrate import DatasetReader
 from tasks.data import load_dataset
 from tasks.evaluate import evaluate_model, run_model
 from tasks.model import inspect_model, model_size_bytes
 from tasks.profile import input_feed, profile_interleaved
-
-
-class _Reader(CalibrationDataReader):
-    def __init__(self, batches):
-        self._feeds = iter([batch.inputs for batch in batches])
-
-    def get_next(self):
-        return next(self._feeds, None)
 
 
 def main() -> None:
@@ -80,7 +72,7 @@ def main() -> None:
     models["plain quantize_dynamic (defaults)"] = work / "plain_dynamic.onnx"
     quantize_dynamic(fp32, work / "plain_dynamic_pc.onnx", per_channel=True)
     models["plain quantize_dynamic per_channel"] = work / "plain_dynamic_pc.onnx"
-    quantize_static(fp32, work / "plain_static.onnx", _Reader(calibration.batches))
+    quantize_static(fp32, work / "plain_static.onnx", DatasetReader(calibration))
     models["plain quantize_static (defaults, QDQ)"] = work / "plain_static.onnx"
 
     metric = spec.selection_metric
@@ -113,5 +105,4 @@ def _accuracy(scores: dict[str, float], name: str) -> str:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
     main()

@@ -206,7 +206,7 @@ def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str,
         with tracker.run(experiment, outcome.name, _variant_tags(outcome, verdict, result.selected), parent_id=parent) as run_id:
             _log_variant(tracker, run_id, outcome, candidate, verdict, fp32.metrics, source.size_bytes)
             if outcome.name == result.selected and spec.registry is not None and spec.registry.promote:
-                _promote(spec, tracker, run_id, outcome, source, eval_data, pre, ranges, outcome_summary, work)
+                _promote(spec, tracker, run_id, outcome, source, eval_data, ranges, outcome_summary, work)
 
     _log_summary(tracker, parent, spec, candidates, fp32_candidate, result, work)
     tracker.set_tags(parent, {f"{TAG_PREFIX}selected": result.selected or "none", f"{TAG_PREFIX}summary": result.summary})
@@ -366,7 +366,7 @@ def _log_variant(tracker: Tracker, run_id: str, outcome: VariantOutcome, candida
     tracker.log_artifact(run_id, outcome.quantized.path, "quantized")
 
 
-def _recipe(spec: PipelineSpec, outcome: VariantOutcome, source, eval_data, pre, ranges) -> str:
+def _recipe(spec: PipelineSpec, outcome: VariantOutcome, source, ranges) -> str:
     """What makes two versions identical: same model, same resolved variant, same data, same tools."""
     import hashlib
 
@@ -384,10 +384,10 @@ def _recipe(spec: PipelineSpec, outcome: VariantOutcome, source, eval_data, pre,
     return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()
 
 
-def _promote(spec, tracker: Tracker, run_id: str, outcome: VariantOutcome, source, eval_data, pre, ranges, summary: PipelineOutcome, work: Path) -> None:
+def _promote(spec, tracker: Tracker, run_id: str, outcome: VariantOutcome, source, eval_data, ranges, summary: PipelineOutcome, work: Path) -> None:
     registry = spec.registry
     metric = spec.selection_metric
-    recipe = _recipe(spec, outcome, source, eval_data, pre, ranges)
+    recipe = _recipe(spec, outcome, source, ranges)
     existing = tracker.find_version(registry.model_name, recipe)
     if existing is not None:
         registered = existing

@@ -47,7 +47,7 @@ def calibration_key(variant) -> str:
     return f"{variant.calibration_method}@fused" if variant.fused else str(variant.calibration_method)
 
 
-class _BatchReader(CalibrationDataReader):
+class DatasetReader(CalibrationDataReader):
     """Feeds the dataset's batches; one sample at a time when batch shapes differ.
 
     ORT's histogram calibrators stack every batch's outputs into one array, which fails on a ragged
@@ -87,7 +87,7 @@ def calibrate(model: Path, dataset: Dataset, method: str, options: Calibration, 
                 providers=["CPUExecutionProvider"],
                 extra_options=extra_options,
             )
-            calibrator.collect_data(_BatchReader(dataset))
+            calibrator.collect_data(DatasetReader(dataset))
             ranges = calibrator.compute_data()
             del calibrator
     except Exception as error:

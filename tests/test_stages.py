@@ -64,23 +64,16 @@ def test_calibration_once_is_reused_by_static_variants(prepared):
 
 
 def test_shared_ranges_give_the_same_model_as_ort_calibrating_itself(prepared):
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantType, quantize_static
+
+    from tasks.calibrate import DatasetReader
 
     info, pre, evaluation, calibration, reference, work = prepared
     ranges = calibrate(pre.path, calibration, "entropy", Calibration(data=DataSource(path=pre.path)), work / "entropy.json")
     variant = StaticVariant(kind="static", name="shared", per_channel=True, calibration_method="entropy")
     ours = quantize(pre.path, variant, {"entropy": ranges}, work / "shared" / "model.onnx")
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter(batch.inputs for batch in calibration.batches)
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    from onnxruntime.quantization import CalibrationMethod
-
-    quantize_static(pre.path, work / "ort_own.onnx", Reader(), per_channel=True, activation_type=QuantType.QUInt8,
+    quantize_static(pre.path, work / "ort_own.onnx", DatasetReader(calibration), per_channel=True, activation_type=QuantType.QUInt8,
                     calibrate_method=CalibrationMethod.Entropy)
     scales = lambda path: {t.name: onnx.numpy_helper.to_array(t).tolist() for t in onnx.load(str(path)).graph.initializer if "scale" in t.name or "zero_point" in t.name}  # noqa: E731
     assert scales(ours.path) == scales(work / "ort_own.onnx")
