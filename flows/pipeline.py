@@ -30,14 +30,16 @@ from flows.tracking import TAG_PREFIX, Tracker, flatten, onnx_signature, scratch
 from tasks.calibrate import calibrate, calibration_key
 from tasks.data import load_dataset
 from tasks.evaluate import evaluate, evaluate_model, run_model
-from tasks.graph import quantized_op_counts
-from tasks.hardware import detect
+from tasks.coverage import op_coverage, slow_int8_warnings
+from tasks.fallback import FallbackResult, accuracy_fallback
+from tasks.hardware import describe, detect, preset_for
 from tasks.model import inspect_model
 from tasks.preprocess import fuse_transformer, preprocess
 from tasks.profile import input_feed, profile_pair, profile_single
 from tasks.quantize import QUANTIZERS, quantize
+from tasks.repair import repair_model, required_opset
 from tasks.report import plot_pareto, write_table
-from tasks.select import Candidate, beats_holder, select
+from tasks.select import Candidate, accuracy_drop, beats_holder, select
 
 
 def _task(function, name: str):
@@ -55,6 +57,8 @@ quantize_task = _task(quantize, "quantize")
 evaluate_task = _task(evaluate_model, "evaluate")
 profile_pair_task = _task(profile_pair, "profile")
 profile_single_task = _task(profile_single, "profile-fp32")
+repair_task = _task(repair_model, "repair")
+coverage_task = _task(op_coverage, "op-coverage")
 
 
 def _export_model(source, batches, out, base_dir):
@@ -78,9 +82,13 @@ class VariantOutcome:
     quantized: Any = None
     evaluation: Any = None
     profiles: list = field(default_factory=list)
-    op_counts: dict[str, int] = field(default_factory=dict)
+    coverage: Any = None  # tasks.coverage.OpCoverage of the graph ORT runs
+    warnings: list[str] = field(default_factory=list)
     error: str | None = None
     failed_stage: str | None = None
+    fallback_of: str | None = None  # the variant whose accuracy fallback made this one
+    fallback: FallbackResult | None = None  # the fallback this variant started
+    passed_accuracy: bool = True
 
     @property
     def name(self) -> str:
@@ -116,21 +124,28 @@ def quantization_pipeline(spec_file: str) -> dict[str, Any]:
 
 
 def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str, parent: str, work: Path) -> PipelineOutcome:
-    variants = spec.resolved_variants()
     hardware = detect()
+    detected = preset_for(hardware)
+    variants = spec.resolved_variants(detected)
     base_dir = spec_path.parent
     tokenize = _tokenizer(spec)
     model_path = _export(spec, base_dir, tokenize, tracker, parent, work)
     source = inspect_task(model_path)
-    _log_parent_setup(tracker, parent, spec, variants, source, hardware, spec_path)
+    _log_parent_setup(tracker, parent, spec, variants, source, hardware, spec_path, detected)
+    _say_target(spec, hardware, detected, variants)
     say("model", f"{source.path.name}: opset {source.opset}, {source.size_bytes / 1e6:.1f} MB, sha256 {source.sha256[:12]}")
 
-    pre = preprocess_task(source.path, spec.preprocess, work / "preprocessed" / "model.onnx")
-    for note in pre.notes:
-        say("pre-process", f"[yellow]{note}[/]")
-    tracker.set_tags(parent, {f"{TAG_PREFIX}preprocess_notes": " | ".join(pre.notes) or "none"})
+    opset = required_opset(variants)
+    repaired = repair_task(source.path, work / "repaired" / "model.onnx", opset)
+    pre = preprocess_task(repaired.path, spec.preprocess, work / "preprocessed" / "model.onnx")
+    # Pre-processing writes graph patterns of its own (MatMul + Add -> Gemm with a [1, N] bias).
+    pre_repaired = repair_task(pre.path, work / "preprocessed" / "repaired" / "model.onnx", opset)
+    repairs = list(dict.fromkeys([*repaired.repairs, *pre.notes, *pre_repaired.repairs]))
+    for note in repairs:
+        say("repair", f"[yellow]{note}[/]")
+    tracker.set_tags(parent, {f"{TAG_PREFIX}repairs": " | ".join(repairs) or "none"})
     outcomes = {variant.name: VariantOutcome(variant) for variant in variants}
-    graphs = _graphs(spec, variants, source.path, pre.path, work, tracker, parent, outcomes)
+    graphs = _graphs(spec, variants, repaired.path, pre_repaired.path, work, tracker, parent, outcomes)
 
     exported = spec.model.source != "onnx"
     eval_data = load_data_task(
@@ -149,7 +164,7 @@ def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str,
     tracker.log_metrics(parent, {f"fp32.{name}": value for name, value in fp32.metrics.items()} | {"fp32.size_mb": source.size_bytes / 1e6})
     tracker.set_tags(parent, {f"{TAG_PREFIX}eval_fingerprint": eval_data.fingerprint})
 
-    ranges = _calibrate(spec, variants, source, graphs, base_dir, tokenize, work, tracker, parent, outcomes)
+    ranges, calibration_data = _calibrate(spec, variants, source, graphs, base_dir, tokenize, work, tracker, parent, outcomes)
 
     variant_paths = {name: work / "variants" / name / "model.onnx" for name in outcomes}
     quantized = {
@@ -182,9 +197,15 @@ def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str,
             say("evaluate", f"[red]{name} failed[/]: {outcome.error}")
             continue
         say("evaluate", f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in outcome.evaluation.metrics.items()))
+        _cover(spec, eval_data, outcome)
+        for note in outcome.quantized.notes:
+            if note.startswith("repair:"):
+                say("repair", f"[yellow]{name}: {note.removeprefix('repair: ')}[/]")
+
+    _run_fallbacks(spec, outcomes, graphs, ranges, calibration_data or eval_data, eval_data, reference, fp32.metrics, work)
 
     for outcome in outcomes.values():
-        if outcome.error is None:
+        if outcome.error is None and outcome.passed_accuracy:
             _profile(spec, source.path, eval_data, outcome)
 
     candidates = [_candidate(spec, outcome) for outcome in outcomes.values()]
@@ -202,9 +223,16 @@ def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str,
         summary=result.summary,
         variants={name: outcome.error or "ok" for name, outcome in outcomes.items()},
     )
-    for outcome, candidate, verdict in zip(outcomes.values(), candidates, result.verdicts):
-        with tracker.run(experiment, outcome.name, _variant_tags(outcome, verdict, result.selected), parent_id=parent) as run_id:
+    run_ids: dict[str, str] = {}
+    # Variants first, then the fallback steps, each nested under the variant it started from.
+    ordered = sorted(zip(outcomes.values(), candidates, result.verdicts), key=lambda item: item[0].fallback_of is not None)
+    for outcome, candidate, verdict in ordered:
+        run_parent = run_ids.get(outcome.fallback_of, parent) if outcome.fallback_of else parent
+        with tracker.run(experiment, outcome.name, _variant_tags(outcome, verdict, result.selected), parent_id=run_parent) as run_id:
+            run_ids[outcome.name] = run_id
             _log_variant(tracker, run_id, outcome, candidate, verdict, fp32.metrics, source.size_bytes)
+            if outcome.fallback is not None:
+                _log_fallback(tracker, run_id, outcome.fallback)
             if outcome.name == result.selected and spec.registry is not None and spec.registry.promote:
                 _promote(spec, tracker, run_id, outcome, source, eval_data, ranges, outcome_summary, work)
 
@@ -277,7 +305,7 @@ def _calibrate(spec, variants, source, graphs, base_dir, tokenize, work, tracker
         if isinstance(v, StaticVariant) and outcomes[v.name].error is None
     }
     if not keys or spec.calibration is None:
-        return {}
+        return {}, None
     data = load_data_task(
         spec.calibration.data, source.input_dtypes, max_samples=spec.calibration.samples, base_dir=base_dir,
         tokenize=tokenize, ignore_extra_inputs=spec.model.source != "onnx",
@@ -300,10 +328,113 @@ def _calibrate(spec, variants, source, graphs, base_dir, tokenize, work, tracker
             for outcome in outcomes.values():
                 if isinstance(outcome.variant, StaticVariant) and calibration_key(outcome.variant) == key:
                     outcome.error, outcome.failed_stage = _describe(error), "calibrate"
-    return ranges
+    return ranges, data
+
+
+def _fallback(spec: PipelineSpec, variant: VariantBase, graph: Path, quantized_path: Path, ranges, error_data, eval_data, reference, fp32_metrics, work: Path) -> FallbackResult:
+    metric = spec.selection_metric
+    return accuracy_fallback(
+        variant,
+        graph,
+        quantized_path,
+        error_data,
+        quantize_step=lambda step, out: quantize(graph, step, ranges, out, spec.preprocess.transformer_fusion),
+        evaluate_step=lambda path: evaluate_model(path, eval_data, reference, spec.evaluation.metrics, spec.evaluation.output),
+        drop_of=lambda evaluation: accuracy_drop(evaluation.metrics[metric.name], fp32_metrics[metric.name], metric, spec.selection.drop),
+        max_drop=spec.selection.max_drop,
+        budget=spec.fallback,
+        # Fewer float nodes is faster and smaller: for those objectives, look past the first pass.
+        bisect=spec.selection.objective in ("latency", "size"),
+        work=work,
+    )
+
+
+fallback_task = _task(_fallback, "accuracy-fallback")
+
+
+def _run_fallbacks(spec, outcomes: dict, graphs, ranges, error_data, eval_data, reference, fp32_metrics, work: Path) -> None:
+    """Mark the variants that miss `max_drop`; retry dynamic/static ones with their worst nodes in float."""
+    rules, metric = spec.selection, spec.selection_metric
+    if rules.max_drop is None:
+        return
+    missed = []
+    for outcome in outcomes.values():
+        if outcome.error is not None:
+            continue
+        drop = accuracy_drop(outcome.evaluation.metrics[metric.name], fp32_metrics[metric.name], metric, rules.drop)
+        outcome.passed_accuracy = drop <= rules.max_drop
+        if not outcome.passed_accuracy:
+            missed.append(outcome)
+            say("fallback", f"{outcome.name}: {metric.name} drop {drop:.4g} > max_drop {rules.max_drop:g}")
+    retried = []
+    for outcome in missed:
+        if outcome.variant.kind not in ("dynamic", "static"):
+            continue
+        if outcome.coverage is not None and outcome.coverage.counts["integer"].get("ConvInteger"):
+            # Keeping nodes in float buys accuracy, never speed: ConvInteger stays slower than float Conv.
+            say("fallback", f"{outcome.name}: not retried, its ConvInteger kernels would stay slower than FP32 whatever stays in float")
+            continue
+        retried.append(outcome)
+    if not retried or not spec.fallback.enabled:
+        return
+    futures = {
+        outcome.name: fallback_task.with_options(task_run_name=f"fallback[{outcome.name}]").submit(
+            spec, outcome.variant, graphs[_graph_key(outcome.variant)], outcome.quantized.path, ranges,
+            error_data, eval_data, reference, fp32_metrics, work / "fallback" / outcome.name,
+        )
+        for outcome in retried
+    }
+    for name, future in futures.items():
+        base = outcomes[name]
+        try:
+            result = future.result()
+        except Exception as error:
+            say("fallback", f"[red]{name}: fallback failed[/]: {_describe(error)}")
+            continue
+        base.fallback = result
+        worst = ", ".join(f"{e.node} ({e.op_type}, {e.input_sqnr_db:.1f} -> {e.output_sqnr_db:.1f} dB SQNR)" for e in result.ranking[:3])
+        say("fallback", f"{name}: {len(result.ranking)} quantized nodes ranked by error; worst: {worst or 'none'}")
+        for step in result.steps:
+            status = f"[red]failed[/]: {step.error}" if step.error else (
+                f"{metric.name} drop {step.drop:.4g} " + ("[green]meets max_drop[/]" if step.passed else "still too large")
+            )
+            say("fallback", f"  {step.name}: {len(step.kept_in_float)} node(s) in float, {status} ({step.seconds:.1f} s)")
+            outcome = VariantOutcome(step.variant, quantized=step.quantized, evaluation=step.evaluation, fallback_of=name, passed_accuracy=step.passed)
+            if step.error:
+                outcome.error, outcome.failed_stage = step.error, "fallback"
+            outcomes[step.name] = outcome
+        say("fallback", f"{name}: stopped, {result.stopped}")
+
+
+def _log_fallback(tracker: Tracker, run_id: str, result: FallbackResult) -> None:
+    lines = ["node,op_type,input_sqnr_db,output_sqnr_db,loss_db"]
+    lines += [f"{e.node},{e.op_type},{e.input_sqnr_db:.3f},{e.output_sqnr_db:.3f},{e.loss_db:.3f}" for e in result.ranking]
+    tracker.log_text(run_id, "\n".join(lines) + "\n", "fallback/node_errors.csv")
+    tracker.set_tags(run_id, {f"{TAG_PREFIX}fallback": f"{len(result.steps)} step(s); {result.stopped}"})
+
+
+def _cover(spec: PipelineSpec, eval_data, outcome: VariantOutcome) -> None:
+    """Which ops of the graph ORT runs are integer, and the warnings that follow, said before timing."""
+    try:
+        coverage = coverage_task.with_options(task_run_name=f"op-coverage[{outcome.name}]")(
+            outcome.quantized.path, input_feed(eval_data, spec.selection_batch_size), spec.selection_threads
+        )
+    except Exception as error:
+        outcome.error, outcome.failed_stage = _describe(error), "op-coverage"
+        say("ops", f"[red]{outcome.name} failed[/]: {outcome.error}")
+        return
+    outcome.coverage = coverage
+    outcome.warnings = slow_int8_warnings(coverage) if outcome.variant.kind in ("dynamic", "static") else []
+    say("ops", f"{outcome.name}: {coverage.summary()}")
+    for warning in outcome.warnings:
+        say("ops", f"[yellow]{outcome.name}: likely slower than FP32: {warning}[/]")
 
 
 def _profile(spec: PipelineSpec, fp32_path: Path, eval_data, outcome: VariantOutcome) -> None:
+    if outcome.coverage is None:
+        _cover(spec, eval_data, outcome)
+        if outcome.error is not None:
+            return
     try:
         for batch_size in spec.profiling.batch_sizes:
             feed = input_feed(eval_data, batch_size)
@@ -313,7 +444,6 @@ def _profile(spec: PipelineSpec, fp32_path: Path, eval_data, outcome: VariantOut
                 )
                 outcome.profiles.append(pair)
                 say("profile", f"{outcome.name} b{batch_size} t{threads}: p50 {pair.candidate.p50_ms:.3g} ms vs FP32 {pair.baseline.p50_ms:.3g} ms = {pair.speedup:.2f}x")
-        outcome.op_counts = quantized_op_counts(outcome.quantized.path)
     except Exception as error:
         outcome.error, outcome.failed_stage = _describe(error), "profile"
         say("profile", f"[red]{outcome.name} failed[/]: {outcome.error}")
@@ -322,6 +452,8 @@ def _profile(spec: PipelineSpec, fp32_path: Path, eval_data, outcome: VariantOut
 def _candidate(spec: PipelineSpec, outcome: VariantOutcome) -> Candidate:
     if outcome.error is not None:
         return Candidate(outcome.name, error=f"{outcome.failed_stage}: {outcome.error}")
+    if not outcome.profiles:  # missed the accuracy constraint: not worth timing
+        return Candidate(outcome.name, metrics=outcome.evaluation.metrics, size_bytes=outcome.quantized.size_bytes)
     pair = next(p for p in outcome.profiles if (p.batch_size, p.threads) == (spec.selection_batch_size, spec.selection_threads))
     return Candidate(
         outcome.name,
@@ -359,10 +491,21 @@ def _log_variant(tracker: Tracker, run_id: str, outcome: VariantOutcome, candida
         "quantize_seconds": outcome.quantized.seconds,
         "speedup": candidate.speedup or 0.0,
     }
-    metrics |= {f"ops.{op}": count for op, count in outcome.op_counts.items()}
+    if outcome.coverage is not None:
+        metrics |= outcome.coverage.as_metrics("ops.")
     tracker.log_metrics(run_id, metrics)
+    tags = {}
     if outcome.quantized.notes:
-        tracker.set_tags(run_id, {f"{TAG_PREFIX}notes": " | ".join(outcome.quantized.notes)})
+        tags[f"{TAG_PREFIX}notes"] = " | ".join(outcome.quantized.notes)
+    if outcome.coverage is not None:
+        tags[f"{TAG_PREFIX}op_coverage"] = outcome.coverage.summary()
+    if outcome.warnings:
+        tags[f"{TAG_PREFIX}warnings"] = " | ".join(outcome.warnings)
+    if outcome.fallback_of:
+        tags[f"{TAG_PREFIX}fallback_of"] = outcome.fallback_of
+        tags[f"{TAG_PREFIX}kept_in_float"] = ",".join(outcome.variant.nodes_to_exclude)[:5000]
+    if tags:
+        tracker.set_tags(run_id, tags)
     tracker.log_artifact(run_id, outcome.quantized.path, "quantized")
 
 
@@ -446,7 +589,16 @@ def _promote(spec, tracker: Tracker, run_id: str, outcome: VariantOutcome, sourc
     tracker.set_tags(run_id, {f"{TAG_PREFIX}registered_version": registered.version, f"{TAG_PREFIX}alias_decision": reason})
 
 
-def _log_parent_setup(tracker, parent, spec: PipelineSpec, variants, source, hardware, spec_path: Path) -> None:
+def _say_target(spec: PipelineSpec, hardware, detected: str, variants) -> None:
+    preset = spec.target_preset(detected)
+    how = "detected" if spec.target.preset == "auto" else f"set in the spec; this CPU looks like {detected}"
+    say("target", f"{preset} ({how}): {describe(hardware)}; execution providers {', '.join(hardware.execution_providers)}")
+    reduced = [str(v.name) for v in variants if getattr(v, "reduce_range", None)]
+    if reduced and not hardware.has_vnni:
+        say("target", f"[yellow]no VNNI on this CPU: u8s8 products could saturate int16, so reduce_range (7-bit weights) is on for {', '.join(reduced)}[/]")
+
+
+def _log_parent_setup(tracker, parent, spec: PipelineSpec, variants, source, hardware, spec_path: Path, detected: str) -> None:
     resolved = spec.model_dump(mode="json", exclude={"variants"}) | {
         "variants": [v.model_dump(mode="json", exclude={"grid"}) for v in variants]
     }
@@ -464,6 +616,8 @@ def _log_parent_setup(tracker, parent, spec: PipelineSpec, variants, source, har
             f"{TAG_PREFIX}machine": hardware.machine,
             f"{TAG_PREFIX}logical_cpus": hardware.logical_cpus,
             f"{TAG_PREFIX}execution_providers": ",".join(hardware.execution_providers),
+            f"{TAG_PREFIX}target_preset": spec.target_preset(detected),
+            f"{TAG_PREFIX}detected_preset": detected,
         }
         | {f"{TAG_PREFIX}cpu.{flag}": str(present).lower() for flag, present in hardware.flags.items()},
     )

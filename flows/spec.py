@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import itertools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -458,10 +459,11 @@ class DynamicVariant(VariantBase):
     """ORT `quantize_dynamic`: int8 weights, activations quantized at run time."""
 
     kind: Literal["dynamic"] = Field(description="Dynamic quantization (weights int8 ahead of time).")
-    weight_type: Int8Type = Field(default="QInt8", description="Weight integer type.")
+    weight_type: Int8Type | None = Field(default=None, description="Weight integer type; default: the target's.")
     per_channel: bool = Field(default=False, description="One scale per output channel of a weight.")
-    reduce_range: bool = Field(
-        default=False, description="7-bit weights, avoids u8s8 saturation on CPUs without VNNI."
+    reduce_range: bool | None = Field(
+        default=None,
+        description="7-bit weights, avoids u8s8 saturation on CPUs without VNNI; default: the target's.",
     )
     op_types: list[str] | None = Field(
         default=None, description="Op types to quantize (e.g. [MatMul, Attention]); default: ORT's."
@@ -473,7 +475,7 @@ class DynamicVariant(VariantBase):
 
     def default_name(self) -> str:
         granularity = "per-channel" if self.per_channel else "per-tensor"
-        return self.named(f"dynamic-{self.weight_type.lower()}-{granularity}")
+        return self.named(f"dynamic-{(self.weight_type or 'QInt8').lower()}-{granularity}")
 
 
 _SHORT_TYPES = {"QInt8": "s8", "QUInt8": "u8"}
@@ -484,11 +486,14 @@ class StaticVariant(VariantBase):
 
     kind: Literal["static"] = Field(description="Static quantization (activation ranges calibrated).")
     format: Literal["QDQ", "QOperator"] = Field(default="QDQ", description="ONNX quantization format.")
-    activation_type: Int8Type = Field(default="QUInt8", description="Activation integer type.")
-    weight_type: Int8Type = Field(default="QInt8", description="Weight integer type.")
+    activation_type: Int8Type | None = Field(
+        default=None, description="Activation integer type; default: the target's."
+    )
+    weight_type: Int8Type | None = Field(default=None, description="Weight integer type; default: the target's.")
     per_channel: bool = Field(default=False, description="One scale per output channel of a weight.")
-    reduce_range: bool = Field(
-        default=False, description="7-bit weights, avoids u8s8 saturation on CPUs without VNNI."
+    reduce_range: bool | None = Field(
+        default=None,
+        description="7-bit weights, avoids u8s8 saturation on CPUs without VNNI; default: the target's.",
     )
     calibration_method: CalibrationMethod | None = Field(
         default=None, description="Range method; default: `calibration.method`."
@@ -507,7 +512,7 @@ class StaticVariant(VariantBase):
     def default_name(self) -> str:
         granularity = "per-channel" if self.per_channel else "per-tensor"
         method = self.calibration_method or "calib"
-        types = _SHORT_TYPES[self.activation_type] + _SHORT_TYPES[self.weight_type]
+        types = _SHORT_TYPES[self.activation_type or "QUInt8"] + _SHORT_TYPES[self.weight_type or "QInt8"]
         return self.named(f"static-{self.format.lower()}-{types}-{granularity}-{method}")
 
 
@@ -563,6 +568,58 @@ Variant = Annotated[
     Union[DynamicVariant, StaticVariant, WeightOnlyInt4Variant, Fp16Variant, Fp32Variant],
     Field(discriminator="kind"),
 ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Target hardware and the accuracy fallback
+
+
+@dataclass(frozen=True)
+class HardwarePreset:
+    """Integer types for a CPU family (Optimum's `AutoQuantizationConfig.avx2()` and friends)."""
+
+    activation_type: str
+    weight_type: str
+    reduce_range: bool
+    why: str
+
+
+HARDWARE_PRESETS: dict[str, HardwarePreset] = {
+    "avx2": HardwarePreset(
+        "QUInt8", "QInt8", True,
+        "no VNNI: ORT's u8s8 kernels add pairs of u8*s8 products in int16 (vpmaddubsw), which saturates; "
+        "7-bit weights (reduce_range) keep the sums in range",
+    ),
+    "avx512_vnni": HardwarePreset(
+        "QUInt8", "QInt8", False, "VNNI accumulates u8*s8 products straight into int32: no saturation, full 8-bit weights"
+    ),
+    "arm64": HardwarePreset(
+        "QUInt8", "QInt8", False, "ARM dot-product instructions accumulate in int32: no saturation, full 8-bit weights"
+    ),
+}
+
+
+class Target(StrictModel):
+    preset: Literal["auto", "avx2", "avx512_vnni", "arm64"] = Field(
+        default="auto",
+        description="Integer types and `reduce_range` for this CPU family, used by dynamic/static variants "
+        "that don't set them; `auto`: detected from the CPU this runs on (no VNNI and not ARM: `avx2`).",
+    )
+
+
+class AccuracyFallback(StrictModel):
+    """What to do with a dynamic/static variant that misses `selection.max_drop`."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Keep the nodes with the largest quantization error in float, step by step, until the "
+        "variant meets `selection.max_drop` or the budget runs out.",
+    )
+    max_steps: int = Field(default=6, ge=1, description="Most re-quantizations per variant.")
+    max_seconds: float = Field(default=600.0, gt=0, description="Time budget per variant.")
+    samples: int = Field(
+        default=8, ge=1, description="Calibration samples used to measure each tensor's quantization error."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -625,6 +682,15 @@ class Registry(StrictModel):
     promote: bool = Field(default=True, description="Register the selected variant at all.")
 
 
+def _with_preset(variant: VariantBase, preset: HardwarePreset) -> VariantBase:
+    defaults = {"weight_type": preset.weight_type, "reduce_range": preset.reduce_range}
+    if isinstance(variant, StaticVariant):
+        defaults["activation_type"] = preset.activation_type
+    elif not isinstance(variant, DynamicVariant):
+        return variant
+    return variant.model_copy(update={key: value for key, value in defaults.items() if getattr(variant, key) is None})
+
+
 class PipelineSpec(StrictModel):
     """One quantization pipeline: a model, its data, the variants to try and what `best` means."""
 
@@ -639,6 +705,10 @@ class PipelineSpec(StrictModel):
     )
     evaluation: Evaluation = Field(description="Evaluation data and metrics.")
     variants: list[Variant] = Field(min_length=1, description="The variants to try.")
+    target: Target = Field(default_factory=Target, description="The CPU family the variants are made for.")
+    fallback: AccuracyFallback = Field(
+        default_factory=AccuracyFallback, description="Accuracy-aware retries of variants that miss the constraint."
+    )
     profiling: Profiling = Field(default_factory=Profiling, description="Latency measurement.")
     selection: Selection = Field(default_factory=Selection, description="Constraints and objective.")
     registry: Registry | None = Field(
@@ -688,13 +758,20 @@ class PipelineSpec(StrictModel):
             raise ValueError("; ".join(errors))
         return self
 
-    def resolved_variants(self) -> list[VariantBase]:
-        """Grids expanded, names given, static calibration methods filled in from `calibration`."""
+    def target_preset(self, detected: str | None = None) -> str:
+        """The preset in force: the spec's, or for `auto` the one detected on this CPU (`avx2` if unknown)."""
+        return self.target.preset if self.target.preset != "auto" else (detected or "avx2")
+
+    def resolved_variants(self, detected_preset: str | None = None) -> list[VariantBase]:
+        """Grids expanded, names given, static calibration methods filled in from `calibration`, integer
+        types and `reduce_range` from the target preset where the variant leaves them open."""
+        preset = HARDWARE_PRESETS[self.target_preset(detected_preset)]
         resolved = []
         for variant in self.variants:
             if isinstance(variant, StaticVariant) and variant.calibration_method is None and self.calibration:
                 variant = variant.model_copy(update={"calibration_method": self.calibration.method})
-            resolved.extend(variant.expand())
+            for expanded in variant.expand():
+                resolved.append(_with_preset(expanded, preset))
         return resolved
 
     @property

@@ -60,7 +60,7 @@ class DatasetReader(CalibrationDataReader):
             self._feeds = iter([batch.inputs for batch in dataset.batches])
         else:
             self._feeds = (
-                {name: array[index : index + 1] for name, array in batch.inputs.items()}
+                batch.take(slice(index, index + 1))
                 for batch in dataset.batches
                 for index in range(batch.size)
             )

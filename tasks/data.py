@@ -31,6 +31,12 @@ class Batch:
     def size(self) -> int:
         return len(next(iter(self.inputs.values())))
 
+    def take(self, indices: slice | np.ndarray) -> dict[str, np.ndarray]:
+        """These samples' inputs. Inputs without the batch axis (a recurrent model's initial state,
+        shape [1, ...] beside a batch of frames) are the same for every sample and pass through."""
+        size = self.size
+        return {name: array[indices] if len(array) == size else array for name, array in self.inputs.items()}
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -191,7 +197,7 @@ def _truncate(batches: Iterable[Batch], limit: int | None) -> Iterable[Batch]:
             keep = limit - taken
             if keep > 0:
                 yield Batch(
-                    inputs={name: array[:keep] for name, array in batch.inputs.items()},
+                    inputs=batch.take(slice(0, keep)),
                     labels=None if batch.labels is None else batch.labels[:keep],
                 )
             return

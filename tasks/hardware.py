@@ -57,3 +57,15 @@ def detect(cpuinfo: Path = Path("/proc/cpuinfo")) -> HardwareInfo:
         flags={name: flag in flags for flag, name in INT8_FLAGS.items()},
         execution_providers=tuple(ort.get_available_providers()),
     )
+
+
+def preset_for(hardware: HardwareInfo) -> str:
+    """The `target.preset` this CPU matches: ARM, x86 with VNNI, or plain AVX2 (the safe default)."""
+    if hardware.machine.lower() in ("aarch64", "arm64"):
+        return "arm64"
+    return "avx512_vnni" if hardware.has_vnni else "avx2"
+
+
+def describe(hardware: HardwareInfo) -> str:
+    present = [name for name, flag in hardware.flags.items() if flag]
+    return f"{hardware.cpu_model} ({hardware.logical_cpus} CPUs; {', '.join(present) or 'no SIMD flags read'})"

@@ -54,7 +54,7 @@ def input_feed(dataset: Dataset, batch_size: int) -> dict[str, np.ndarray]:
     """A batch of `batch_size` real evaluation samples (repeated if the data has fewer)."""
     first = dataset.batches[0]
     indices = np.arange(batch_size) % first.size
-    return {name: np.ascontiguousarray(array[indices]) for name, array in first.inputs.items()}
+    return {name: np.ascontiguousarray(array) for name, array in first.take(indices).items()}
 
 
 def stats(samples_ns: list[int], batch_size: int) -> LatencyStats:

@@ -52,7 +52,8 @@ def judge(candidate: Candidate, fp32_metrics: dict[str, float], metric: Metric, 
     if rules.max_drop is not None and drop > rules.max_drop:
         reasons.append(f"{metric.name} drop {drop:.4g} > max_drop {rules.max_drop:g} ({rules.drop})")
     if candidate.speedup is None:
-        reasons.append("not profiled")
+        if not reasons:  # a variant that missed the accuracy constraint is not timed at all
+            reasons.append("not profiled")
     elif candidate.speedup < rules.min_speedup:
         reasons.append(f"speed-up {candidate.speedup:.2f}x < min_speedup {rules.min_speedup:g}x")
     if rules.max_size_mb is not None and (candidate.size_bytes or 0) / 1e6 > rules.max_size_mb:
@@ -106,8 +107,33 @@ def select(
     if all(c.error is not None for c in candidates):
         summary = "no variant selected: every variant failed"
     else:
-        summary = "no variant selected: none meets the constraints"
+        summary = f"no variant selected: none meets the constraints ({_why_none(candidates, verdicts, rules)})"
     return SelectionResult(None, verdicts, pareto, summary)
+
+
+def _why_none(candidates: Sequence[Candidate], verdicts: Sequence[Verdict], rules: Selection) -> str:
+    """Which rule rejected how many variants, and the fastest accurate-enough one for scale."""
+    failed = sum(c.error is not None for c in candidates)
+    too_inaccurate = sum(any("max_drop" in reason for reason in v.reasons) for v in verdicts)
+    accurate_but_slow = [
+        c for c, v in zip(candidates, verdicts)
+        if c.error is None and not any("max_drop" in r for r in v.reasons) and c.speedup is not None and c.speedup < rules.min_speedup
+    ]
+    too_large = sum(any("max_size_mb" in reason for reason in v.reasons) for v in verdicts)
+    parts = []
+    if too_inaccurate:
+        parts.append(f"{too_inaccurate} over max_drop")
+    if accurate_but_slow:
+        fastest = max(accurate_but_slow, key=lambda c: c.speedup or 0.0)
+        parts.append(
+            f"{len(accurate_but_slow)} accurate enough but below min_speedup {rules.min_speedup:g}x "
+            f"(fastest: {fastest.name} at {fastest.speedup:.2f}x)"
+        )
+    if too_large:
+        parts.append(f"{too_large} over max_size_mb")
+    if failed:
+        parts.append(f"{failed} failed")
+    return "; ".join(parts) or "see each variant's reasons"
 
 
 @dataclass(frozen=True)

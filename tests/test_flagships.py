@@ -19,8 +19,14 @@ def selected_run(client: MlflowClient, experiment: str):
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     runs = client.search_runs([experiment_id], "tags.`int8flow.selected` = 'true'")
     assert len(runs) == 1, "exactly one selected variant"
-    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
-    return runs[0], parent
+    return runs[0], pipeline_run(client, runs[0])
+
+
+def pipeline_run(client: MlflowClient, run):
+    """The pipeline's parent run (an accuracy-fallback step is nested one level deeper)."""
+    while "mlflow.parentRunId" in run.data.tags:
+        run = client.get_run(run.data.tags["mlflow.parentRunId"])
+    return run
 
 
 @pytest.mark.e2e

@@ -92,7 +92,7 @@ def test_pipeline_logs_every_variant_registers_and_promotes_once(tmp_path, digit
         metrics = run.data.metrics
         assert {"top1", "top1_drop", "cosine", "mae", "b1_t1_p50_ms", "b16_t1_p90_ms", "b1_t1_speedup", "size_mb", "compression_ratio"} <= set(metrics)
         assert client.list_artifacts(run.info.run_id, "quantized")
-    assert by_name["static-qdq-u8s8-per-channel-minmax"].data.metrics["ops.total"] >= 2
+    assert by_name["static-qdq-u8s8-per-channel-minmax"].data.metrics["ops.count.integer"] >= 2
     assert by_name["dynamic-qint8-per-channel"].data.params["per_channel"] == "true"
 
     # the smallest eligible variant is selected, registered, and holds the alias

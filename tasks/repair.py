@@ -1,0 +1,130 @@
+"""Automatic repairs of an FP32 graph before quantization, each one said out loud.
+
+Real exported models trip ORT's quantizers in ways that have nothing to do with the model's maths:
+- weights held in `Constant` nodes (Paddle and some TF exports) are invisible to the quantizers, which
+  only quantize initializers: `quantize_dynamic` leaves such a MatMul in float or fails outright;
+- per-channel QDQ writes `DequantizeLinear(axis=...)`, an attribute that exists only from opset 13, so a
+  model exported at opset 11-12 comes out unloadable ("Unrecognized attribute: axis");
+- a Gemm bias of shape [1, N] (what `quant_pre_process` writes when it fuses MatMul + Add) breaks ORT
+  1.32's per-channel bias handling: `_adjust_weight_scale_for_int32_bias` raises "truth value of an
+  array ... is ambiguous", and with that step disabled the written model fails at inference;
+- models stored with external data need the quantizers' external-data mode.
+Each repair leaves the graph's function unchanged; the FP32 baseline stays the model as given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper, version_converter
+
+from flows.spec import DynamicVariant, StaticVariant, VariantBase
+from tasks.model import uses_external_data
+
+# DequantizeLinear/QuantizeLinear gained `axis` (per-channel) in opset 13.
+PER_CHANNEL_QDQ_OPSET = 13
+# ORT's quantizers themselves ask for opset 11 at least (and upgrade silently, with a warning).
+QUANTIZATION_OPSET = 11
+# Protobuf cannot serialise a single message over 2 GiB.
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class RepairedModel:
+    path: Path
+    repairs: tuple[str, ...] = field(default_factory=tuple)
+
+
+def required_opset(variants: Iterable[VariantBase]) -> int:
+    """The lowest default-domain opset every integer variant in the list can be written in."""
+    needed = 0
+    for variant in variants:
+        if isinstance(variant, StaticVariant):
+            needed = max(needed, PER_CHANNEL_QDQ_OPSET if variant.per_channel else QUANTIZATION_OPSET)
+        elif isinstance(variant, DynamicVariant):
+            needed = max(needed, QUANTIZATION_OPSET)
+    return needed
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
+
+
+def constants_to_initializers(graph: onnx.GraphProto) -> int:
+    """Move tensor-valued `Constant` nodes of the main graph into initializers; returns how many.
+
+    The output name is kept, so every consumer reads the same value; only the node goes away.
+    """
+    kept, moved = [], 0
+    for node in graph.node:
+        value = next((attribute for attribute in node.attribute if attribute.name == "value"), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None and len(node.attribute) == 1:
+            tensor = numpy_helper.from_array(numpy_helper.to_array(value.t), name=node.output[0])
+            graph.initializer.append(tensor)
+            moved += 1
+        else:
+            kept.append(node)
+    if moved:
+        del graph.node[:]
+        graph.node.extend(kept)
+    return moved
+
+
+def flatten_gemm_biases(graph: onnx.GraphProto) -> int:
+    """Give Gemm biases of shape [1, N] the shape [N] (the same broadcast); returns how many."""
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    flattened = 0
+    for node in graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in initializers:
+            continue
+        bias = initializers[node.input[2]]
+        if len(bias.dims) != 2 or bias.dims[0] != 1:
+            continue
+        values = numpy_helper.to_array(bias).reshape(-1)
+        if readers[node.input[2]] == 1:
+            bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+        else:  # shared with another node: that one keeps the 2-D tensor
+            name = f"{bias.name}_1d"
+            graph.initializer.append(numpy_helper.from_array(values, name))
+            node.input[2] = name
+        flattened += 1
+    return flattened
+
+
+def repair_model(model: Path, out: Path, min_opset: int) -> RepairedModel:
+    """Write a repaired copy of `model` to `out` if it needs one; otherwise return `model` untouched."""
+    proto = onnx.load(str(model))
+    repairs = []
+    external = uses_external_data(model)
+    if external:
+        repairs.append("external data: the model's tensors live in a separate file; every stage reads and writes it that way")
+    moved = constants_to_initializers(proto.graph)
+    if moved:
+        repairs.append(f"{moved} Constant node(s) turned into initializers, so the quantizers see those weights")
+    flattened = flatten_gemm_biases(proto.graph)
+    if flattened:
+        repairs.append(f"{flattened} Gemm bias(es) of shape [1, N] reshaped to [N], which ORT's per-channel quantizer handles")
+    opset = default_opset(proto)
+    if opset and opset < min_opset:
+        try:
+            proto = version_converter.convert_version(proto, min_opset)
+        except Exception as error:  # the converter raises bare RuntimeErrors naming the op it cannot adapt
+            repairs.append(f"opset {opset} -> {min_opset} conversion failed ({type(error).__name__}: {str(error).splitlines()[0]}); variants that need it will fail")
+        else:
+            repairs.append(f"opset {opset} -> {min_opset} (per-channel QDQ needs DequantizeLinear's `axis`, opset {PER_CHANNEL_QDQ_OPSET})" if min_opset >= PER_CHANNEL_QDQ_OPSET else f"opset {opset} -> {min_opset} (ORT's quantizers need opset {QUANTIZATION_OPSET})")
+    changed = bool(moved or flattened) or default_opset(proto) != opset
+    if not changed:
+        return RepairedModel(model, tuple(repairs))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if external or proto.ByteSize() > PROTOBUF_LIMIT_BYTES:
+        onnx.save(proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{out.name}.data")
+    else:
+        onnx.save(proto, str(out))
+    return RepairedModel(out, tuple(repairs))
