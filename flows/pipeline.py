@@ -24,7 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from rich.console import Console
 
 from flows import __version__
-from flows.spec import PipelineSpec, StaticVariant, VariantBase
+from flows.spec import HARDWARE_PRESETS, PipelineSpec, StaticVariant, VariantBase
 from flows.specfile import load_spec
 from flows.tracking import TAG_PREFIX, Tracker, flatten, onnx_signature, scratch_dir
 from tasks.calibrate import calibrate, calibration_key
@@ -403,14 +403,22 @@ def _run_fallbacks(spec, outcomes: dict, graphs, ranges, error_data, eval_data, 
             if step.error:
                 outcome.error, outcome.failed_stage = step.error, "fallback"
             outcomes[step.name] = outcome
-        say("fallback", f"{name}: stopped, {result.stopped}")
+        best = result.best
+        say("fallback", f"{name}: stopped, {result.stopped}" + (f"; best so far {best.name} ({metric.name} drop {best.drop:.4g})" if best is not None and best.drop is not None else ""))
 
 
 def _log_fallback(tracker: Tracker, run_id: str, result: FallbackResult) -> None:
     lines = ["node,op_type,input_sqnr_db,output_sqnr_db,loss_db"]
     lines += [f"{e.node},{e.op_type},{e.input_sqnr_db:.3f},{e.output_sqnr_db:.3f},{e.loss_db:.3f}" for e in result.ranking]
     tracker.log_text(run_id, "\n".join(lines) + "\n", "fallback/node_errors.csv")
-    tracker.set_tags(run_id, {f"{TAG_PREFIX}fallback": f"{len(result.steps)} step(s); {result.stopped}"})
+    best = result.best
+    tracker.set_tags(
+        run_id,
+        {
+            f"{TAG_PREFIX}fallback": f"{len(result.steps)} step(s); {result.stopped}",
+            f"{TAG_PREFIX}fallback_best": best.name if best is not None else "none",
+        },
+    )
 
 
 def _cover(spec: PipelineSpec, eval_data, outcome: VariantOutcome) -> None:
@@ -617,6 +625,7 @@ def _log_parent_setup(tracker, parent, spec: PipelineSpec, variants, source, har
             f"{TAG_PREFIX}logical_cpus": hardware.logical_cpus,
             f"{TAG_PREFIX}execution_providers": ",".join(hardware.execution_providers),
             f"{TAG_PREFIX}target_preset": spec.target_preset(detected),
+            f"{TAG_PREFIX}target_reason": HARDWARE_PRESETS[spec.target_preset(detected)].why,
             f"{TAG_PREFIX}detected_preset": detected,
         }
         | {f"{TAG_PREFIX}cpu.{flag}": str(present).lower() for flag, present in hardware.flags.items()},
