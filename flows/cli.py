@@ -1,4 +1,4 @@
-"""`int8flow` console command: run, validate, schema."""
+"""`int8flow` console command: run, validate, schema, deploy, serve, watch."""
 
 from __future__ import annotations
 
@@ -62,6 +62,12 @@ def schema(
 def run(
     spec_file: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's own task-run logs."),
+    dask_address: str | None = typer.Option(
+        None, "--dask-address", help="Fan variants out over an existing Dask cluster (scheduler address)."
+    ),
+    dask_workers: int | None = typer.Option(
+        None, "--dask-workers", min=1, help="Fan variants out over a local Dask cluster of this many worker processes."
+    ),
 ) -> None:
     """Run the whole pipeline: quantize, evaluate, profile, select, register."""
     spec = _validated(spec_file)  # bad input stops here, before any run is created
@@ -70,7 +76,11 @@ def run(
 
     configure_environment()
     _overlapped_startup(spec)
-    from flows.pipeline import quantization_pipeline
+    from flows.pipeline import dask_task_runner, quantization_pipeline
+
+    if dask_address or dask_workers:
+        quantization_pipeline = quantization_pipeline.with_options(task_runner=dask_task_runner(dask_address, dask_workers))
+        out.print(f"fan-out: Dask {dask_address or f'local cluster of {dask_workers} worker process(es)'}")
 
     from tasks.data import DataError
     from tasks.export import ExportError
@@ -84,6 +94,96 @@ def run(
         raise typer.Exit(EXIT_BAD_INPUT) from None
     if outcome["selected"] is None:
         out.print(f"[yellow]{outcome['summary']}; nothing promoted[/]")
+
+
+@app.command()
+def deploy(
+    spec_file: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
+    name: str | None = typer.Option(None, "--name", help="Deployment name; default: the spec's name."),
+    pool: str = typer.Option("int8flow", "--pool", help="Prefect work pool (created as type `process` if missing)."),
+    cron: str | None = typer.Option(None, "--cron", help="Cron schedule, e.g. '0 3 * * *'."),
+    interval: float | None = typer.Option(None, "--interval", help="Or: run every this many seconds."),
+) -> None:
+    """Register a Prefect deployment of the spec on a server's work pool (needs PREFECT_API_URL)."""
+    spec = _validated(spec_file)
+    _needs_server("deploy")
+    from flows.deploy import deploy as deploy_spec
+
+    deployment_id = deploy_spec(spec_file, name or spec.name, pool, cron, interval)
+    out.print(f"deployment int8flow/{name or spec.name} ({deployment_id}) on pool {pool!r}; "
+              f"schedule: {cron or (f'every {interval:g} s' if interval else 'none (run on demand)')}")
+    out.print(f"start a worker: prefect worker start --pool {pool}")
+
+
+@app.command()
+def serve(
+    spec_file: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
+    name: str | None = typer.Option(None, "--name", help="Deployment name; default: the spec's name."),
+    cron: str | None = typer.Option(None, "--cron", help="Cron schedule, e.g. '0 3 * * *'."),
+    interval: float | None = typer.Option(None, "--interval", help="Or: run every this many seconds."),
+) -> None:
+    """Run the spec on a schedule from this one process (Prefect `flow.serve`) until stopped."""
+    spec = _validated(spec_file)
+    from flows.deploy import serve as serve_spec
+    from flows.tracking import configure_environment
+
+    configure_environment()
+    serve_spec(spec_file, name or spec.name, cron, interval)
+
+
+@app.command()
+def watch(
+    spec_file: Path = typer.Argument(..., help="Pipeline spec (YAML) applied to every new model."),
+    folder: Path | None = typer.Option(None, "--folder", help="Quantize new *.onnx files in this folder (not recursive)."),
+    registry_model: str | None = typer.Option(None, "--registry-model", help="Quantize new versions of this registered model."),
+    registry_tag: str | None = typer.Option(None, "--registry-tag", help="Only versions with this tag, key=value (alone: any model's)."),
+    deployment: str | None = typer.Option(None, "--deployment", help="Trigger this deployment (int8flow/<name>) per model instead of running here."),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where registry versions are downloaded."),
+) -> None:
+    """Quantize each new model (a file in a folder, a registry version) once, by content."""
+    _validated(spec_file)
+    if folder is None and registry_model is None and registry_tag is None:
+        err.print("[red]error[/] give --folder, --registry-model or --registry-tag")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if registry_tag is not None:
+        from tasks.discover import parse_tag
+
+        try:
+            parse_tag(registry_tag)
+        except ValueError as error:
+            err.print(f"[red]error[/] --registry-tag: {error}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from flows.tracking import configure_environment
+
+    configure_environment()
+    if deployment:
+        _needs_server("watch --deployment")
+    from flows.watch import watch_models
+
+    report = watch_models(
+        str(spec_file.resolve()),
+        folder=str(folder.resolve()) if folder else None,
+        registry_model=registry_model,
+        registry_tag=registry_tag,
+        deployment=deployment,
+        cache_dir=str(cache_dir.resolve()) if cache_dir else None,
+    )
+    out.print(
+        f"{len(report['new'])} new, {len(report['skipped'])} already claimed, "
+        f"{len(report['waiting'])} not ready, {len(report['unusable'])} unusable"
+    )
+    if any(started["status"] == "failed" for started in report["triggered"]):
+        raise typer.Exit(1)  # so a scheduler notices; the claims record the errors
+
+
+def _needs_server(command: str) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        err.print(f"[red]error[/] `int8flow {command}` needs a Prefect server: set PREFECT_API_URL "
+                  "(see infra/README.md; `eval \"$(bash infra/servers.sh env)\"`)")
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
 def _overlapped_startup(spec) -> None:

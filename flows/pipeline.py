@@ -110,17 +110,35 @@ class PipelineOutcome:
 
 
 @flow(name="int8flow", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False)
-def quantization_pipeline(spec_file: str) -> dict[str, Any]:
-    """Run the pipeline described by `spec_file` (a YAML spec) and return what happened."""
+def quantization_pipeline(spec_file: str, model_path: str | None = None) -> dict[str, Any]:
+    """Run the pipeline described by `spec_file` (a YAML spec) and return what happened.
+
+    `model_path`: an ONNX file to quantize instead of the spec's model (a watcher's new model); the
+    spec's data, variants and constraints apply unchanged.
+    """
     spec_path = Path(spec_file).resolve()
     spec = load_spec(spec_path)
+    tags = {f"{TAG_PREFIX}pipeline": spec.name}
+    if model_path is not None:
+        spec = spec.with_model_file(Path(model_path).resolve())
+        tags[f"{TAG_PREFIX}model_path"] = str(Path(model_path).resolve())
     tracker = Tracker()
     experiment = tracker.experiment_id(spec.name)
-    with scratch_dir("int8flow-work-") as work, tracker.run(experiment, spec.name, {f"{TAG_PREFIX}pipeline": spec.name}) as parent:
+    with scratch_dir("int8flow-work-") as work, tracker.run(experiment, spec.name, tags) as parent:
         say("run", f"{spec.name}: MLflow run {parent} at {tracker.tracking_uri}")
         outcome = _run(spec, spec_path, tracker, experiment, parent, work)
     say("done", outcome.summary)
     return outcome.as_dict()
+
+
+def dask_task_runner(address: str | None = None, workers: int | None = None):
+    """Prefect's DaskTaskRunner: an existing cluster at `address`, or a local one of `workers`
+    single-threaded worker processes (ORT in each brings its own threads; one per core is enough)."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers or 2, "threads_per_worker": 1, "processes": True})
 
 
 def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str, parent: str, work: Path) -> PipelineOutcome:
@@ -536,6 +554,19 @@ def _recipe(spec: PipelineSpec, outcome: VariantOutcome, source, ranges) -> str:
 
 
 def _promote(spec, tracker: Tracker, run_id: str, outcome: VariantOutcome, source, eval_data, ranges, summary: PipelineOutcome, work: Path) -> None:
+    from flows.locks import exclusive
+
+    # Two runs promoting into the same registered model at once would both read "no holder" (or the
+    # same holder) and both move the alias: the read-decide-write happens under one lock per model.
+    with exclusive(f"int8flow-registry-{_lock_name(spec.registry.model_name)}"):
+        _register_and_decide(spec, tracker, run_id, outcome, source, eval_data, ranges, summary, work)
+
+
+def _lock_name(text: str) -> str:
+    return "".join(character if character.isalnum() or character in "-_" else "_" for character in text)
+
+
+def _register_and_decide(spec, tracker: Tracker, run_id: str, outcome: VariantOutcome, source, eval_data, ranges, summary: PipelineOutcome, work: Path) -> None:
     registry = spec.registry
     metric = spec.selection_metric
     recipe = _recipe(spec, outcome, source, ranges)

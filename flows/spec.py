@@ -758,6 +758,12 @@ class PipelineSpec(StrictModel):
             raise ValueError("; ".join(errors))
         return self
 
+    def with_model_file(self, path: Path) -> PipelineSpec:
+        """This spec with its model replaced by the ONNX file at `path` (absolute)."""
+        if not path.is_file() or path.suffix != ".onnx":
+            raise ValueError(f"expected an existing .onnx file, got {path}")
+        return self.model_copy(update={"model": OnnxModelSource(source="onnx", path=path)})
+
     def target_preset(self, detected: str | None = None) -> str:
         """The preset in force: the spec's, or for `auto` the one detected on this CPU (`avx2` if unknown)."""
         return self.target.preset if self.target.preset != "auto" else (detected or "avx2")

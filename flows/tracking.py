@@ -38,6 +38,8 @@ def configure_environment() -> str:
     """Defaults for an offline machine; anything already set in the environment wins."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's ephemeral server gets 20 s to start by default; on 2 busy cores it sometimes needs more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("MLFLOW_TRACKING_URI", embedded_tracking_uri())
     return os.environ["MLFLOW_TRACKING_URI"]
 

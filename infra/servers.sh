@@ -5,15 +5,16 @@
 #   bash infra/servers.sh status
 #   bash infra/servers.sh stop
 #   eval "$(bash infra/servers.sh env)"   # MLFLOW_TRACKING_URI / PREFECT_API_URL for int8flow
+#   bash infra/servers.sh drop     # stop, then drop both databases and the state folder (tests use it)
 # Settings (env): PGHOST=127.0.0.1 PGPORT=5432 PGUSER=postgres INT8FLOW_INFRA_DIR=.int8flow-infra
-#                 MLFLOW_PORT=5000 PREFECT_PORT=4200
+#                 MLFLOW_PORT=5000 PREFECT_PORT=4200 MLFLOW_DB=int8flow_mlflow PREFECT_DB=int8flow_prefect
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-5432}" PGUSER="${PGUSER:-postgres}"
 STATE="${INT8FLOW_INFRA_DIR:-$PWD/.int8flow-infra}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}" PREFECT_PORT="${PREFECT_PORT:-4200}"
 BIN="${INT8FLOW_BIN:-$PWD/.venv/bin}"
-MLFLOW_DB=int8flow_mlflow PREFECT_DB=int8flow_prefect
+MLFLOW_DB="${MLFLOW_DB:-int8flow_mlflow}" PREFECT_DB="${PREFECT_DB:-int8flow_prefect}"
 
 env_lines() {
   echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT"
@@ -68,6 +69,14 @@ stop() {
   done
 }
 
+drop() {
+  stop
+  for db in "$MLFLOW_DB" "$PREFECT_DB"; do
+    psql -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -qc "drop database if exists $db with (force)" && echo "dropped $db"
+  done
+  rm -rf "$STATE"
+}
+
 status() {
   for name in mlflow prefect; do
     if [ -f "$STATE/$name.pid" ] && kill -0 "$(cat "$STATE/$name.pid")" 2>/dev/null; then echo "$name running (pid $(cat "$STATE/$name.pid"))"; else echo "$name stopped"; fi
@@ -79,5 +88,6 @@ case "${1:-}" in
   stop) stop ;;
   status) status ;;
   env) env_lines ;;
-  *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+  drop) drop ;;
+  *) echo "usage: $0 start|stop|status|env|drop" >&2; exit 2 ;;
 esac

@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,examples,flagships]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,examples,flagships,servers,dask]"
