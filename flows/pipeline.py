@@ -42,9 +42,9 @@ from tasks.report import plot_pareto, write_table
 from tasks.select import Candidate, accuracy_drop, beats_holder, select
 
 
-def _task(function, name: str):
+def _task(function, name: str, **options):
     # Inputs hold numpy arrays and paths in temp dirs: caching them would only log hashing errors.
-    return task(function, name=name, cache_policy=NO_CACHE, persist_result=False)
+    return task(function, name=name, cache_policy=NO_CACHE, persist_result=False, **options)
 
 
 inspect_task = _task(inspect_model, "inspect-model")

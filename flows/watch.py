@@ -39,11 +39,10 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import ViewType
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
 from flows.locks import ensure_lock, exclusive
-from flows.pipeline import quantization_pipeline, say
+from flows.pipeline import _task, quantization_pipeline, say
 from flows.specfile import load_spec
 from flows.tracking import TAG_PREFIX, Tracker
 from tasks.discover import NotReady, candidate_files, fingerprint, onnx_file_in, parse_tag, version_filter
@@ -63,10 +62,6 @@ class Found:
     source: str  # the folder file's path, or models:/name/version
     path: str  # the local .onnx file the pipeline reads
     sha256: str
-
-
-def _task(function, name: str, **options):
-    return task(function, name=name, cache_policy=NO_CACHE, persist_result=False, **options)
 
 
 @flow(name="int8flow-watch", log_prints=False)

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
+from onnxruntime.quantization.registry import IntegerOpsRegistry
 
 from flows.spec import AccuracyFallback, DynamicVariant, StaticVariant, VariantBase
+from tasks.calibrate import ALL_QUANTIZABLE_OPS
 from tasks.data import Dataset
 from tasks.evaluate import Evaluation, feed_for
 
@@ -65,7 +66,7 @@ def quantizable_nodes(graph: onnx.GraphProto, variant: VariantBase) -> list[onnx
     if isinstance(variant, DynamicVariant):
         op_types = set(variant.op_types or IntegerOpsRegistry)
     elif isinstance(variant, StaticVariant):
-        op_types = set(variant.op_types or (set(QLinearOpsRegistry) | set(QDQRegistry))) - set(variant.op_types_to_exclude)
+        op_types = set(variant.op_types or ALL_QUANTIZABLE_OPS) - set(variant.op_types_to_exclude)
     else:
         return []
     excluded = set(variant.nodes_to_exclude)
