@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = ["magika-int8", "silero-vad-int8", "orientation-int8"]
 
 
-def run(spec: str) -> str:
+def run(spec: str, tabulate=None) -> str:
+    """Run `pipelines/<spec>.yaml` in a fresh folder and store; return `tabulate(client, spec, seconds)`."""
+    tabulate = tabulate or table
     with tempfile.TemporaryDirectory(prefix=f"devset-{spec}-") as folder:
         uri = f"sqlite:///{folder}/mlflow.db"
         env = os.environ | {"MLFLOW_TRACKING_URI": uri}
@@ -35,17 +37,22 @@ def run(spec: str) -> str:
         seconds = time.perf_counter() - started
         if done.returncode != 0:
             return f"### {spec}\n\nfailed with exit code {done.returncode}:\n\n```\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n```\n"
-        return table(MlflowClient(uri), spec, seconds)
+        return tabulate(MlflowClient(uri), spec, seconds)
 
 
-def table(client: MlflowClient, spec: str, seconds: float) -> str:
+def pipeline_runs(client: MlflowClient, spec: str):
+    """The pipeline's parent run, every other run of its experiment, and its selection metric."""
     experiment = client.get_experiment_by_name(spec)
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    metric = parent.data.params["spec.selection.metric"]
+    return parent, [r for r in runs if r is not parent], parent.data.params["spec.selection.metric"]
+
+
+def table(client: MlflowClient, spec: str, seconds: float) -> str:
+    parent, runs, metric = pipeline_runs(client, spec)
     tags = parent.data.tags
     children = sorted(
-        (r for r in runs if r is not parent),
+        runs,
         key=lambda r: (r.data.tags.get("int8flow.fallback_of", r.info.run_name), "int8flow.fallback_of" in r.data.tags, r.info.start_time),
     )
     fp32 = parent.data.metrics[f"fp32.{metric}"]

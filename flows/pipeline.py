@@ -24,7 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from rich.console import Console
 
 from flows import __version__
-from flows.spec import HARDWARE_PRESETS, PipelineSpec, StaticVariant, VariantBase
+from flows.spec import HARDWARE_PRESETS, PipelineSpec, QatVariant, StaticVariant, VariantBase
 from flows.specfile import load_spec
 from flows.tracking import TAG_PREFIX, Tracker, flatten, onnx_signature, scratch_dir
 from tasks.calibrate import calibrate, calibration_key
@@ -36,7 +36,7 @@ from tasks.hardware import describe, detect, preset_for
 from tasks.model import inspect_model
 from tasks.preprocess import fuse_transformer, preprocess
 from tasks.profile import input_feed, profile_pair, profile_single
-from tasks.quantize import QUANTIZERS, quantize
+from tasks.quantize import QUANTIZERS, QuantizedModel, quantize
 from tasks.repair import repair_model, required_opset
 from tasks.report import plot_pareto, write_table
 from tasks.select import Candidate, accuracy_drop, beats_holder, select
@@ -69,6 +69,15 @@ def _export_model(source, batches, out, base_dir):
 
 export_task = _task(_export_model, "export")
 
+
+def _quantization_aware_training(*args, **kwargs):
+    from tasks.qat import quantization_aware_training  # imports torch: only for qat variants
+
+    return quantization_aware_training(*args, **kwargs)
+
+
+qat_task = _task(_quantization_aware_training, "quantization-aware-training")
+
 console = Console(highlight=False, soft_wrap=True)
 
 
@@ -88,6 +97,7 @@ class VariantOutcome:
     failed_stage: str | None = None
     fallback_of: str | None = None  # the variant whose accuracy fallback made this one
     fallback: FallbackResult | None = None  # the fallback this variant started
+    qat: Any = None  # tasks.qat.QatResult of a qat variant
     passed_accuracy: bool = True
 
     @property
@@ -185,25 +195,28 @@ def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str,
     ranges, calibration_data = _calibrate(spec, variants, source, graphs, base_dir, tokenize, work, tracker, parent, outcomes)
 
     variant_paths = {name: work / "variants" / name / "model.onnx" for name in outcomes}
+    # Training has the machine to itself: a quantizer running beside it would slow every step.
+    _train_qat(spec, outcomes, base_dir, tokenize, work, tracker, parent)
     quantized = {
         name: quantize_task.with_options(task_run_name=f"quantize[{name}]").submit(
             graphs[_graph_key(outcome.variant)], outcome.variant, ranges, variant_paths[name],
             spec.preprocess.transformer_fusion,
         )
         for name, outcome in outcomes.items()
-        if outcome.error is None
+        if outcome.error is None and outcome.quantized is None
     }
-    evaluated = {
-        name: evaluate_task.with_options(task_run_name=f"evaluate[{name}]").submit(
-            variant_paths[name], eval_data, reference, spec.evaluation.metrics, spec.evaluation.output,
-            wait_for=[future],
-        )
-        for name, future in quantized.items()
-    }
-    for name, future in quantized.items():
+    evaluated = {}
+    for name, outcome in outcomes.items():
+        if outcome.error is None:  # quantized now, or already (qat)
+            evaluated[name] = evaluate_task.with_options(task_run_name=f"evaluate[{name}]").submit(
+                outcome.quantized.path if outcome.quantized else variant_paths[name], eval_data, reference,
+                spec.evaluation.metrics, spec.evaluation.output, wait_for=[quantized[name]] if name in quantized else None,
+            )
+    for name in evaluated:
         outcome = outcomes[name]
         try:
-            outcome.quantized = future.result()
+            if name in quantized:
+                outcome.quantized = quantized[name].result()
         except Exception as error:
             outcome.error, outcome.failed_stage = _describe(error), "quantize"
             say("quantize", f"[red]{name} failed[/]: {outcome.error}")
@@ -223,7 +236,7 @@ def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str,
     _run_fallbacks(spec, outcomes, graphs, ranges, calibration_data or eval_data, eval_data, reference, fp32.metrics, work)
 
     for outcome in outcomes.values():
-        if outcome.error is None and outcome.passed_accuracy:
+        if outcome.error is None and (outcome.passed_accuracy or spec.profiling.all_variants):
             _profile(spec, source.path, eval_data, outcome)
 
     candidates = [_candidate(spec, outcome) for outcome in outcomes.values()]
@@ -251,6 +264,8 @@ def _run(spec: PipelineSpec, spec_path: Path, tracker: Tracker, experiment: str,
             _log_variant(tracker, run_id, outcome, candidate, verdict, fp32.metrics, source.size_bytes)
             if outcome.fallback is not None:
                 _log_fallback(tracker, run_id, outcome.fallback)
+            if outcome.qat is not None:
+                _log_qat(tracker, run_id, outcome.qat)
             if outcome.name == result.selected and spec.registry is not None and spec.registry.promote:
                 _promote(spec, tracker, run_id, outcome, source, eval_data, ranges, outcome_summary, work)
 
@@ -284,6 +299,88 @@ def _export(spec: PipelineSpec, base_dir: Path, tokenize, tracker: Tracker, pare
     tracker.log_metrics(parent, {"export.parity_max_abs_diff": exported.parity_max_abs_diff, "export.seconds": exported.seconds})
     tracker.log_artifact(parent, exported.path, "exported")
     return exported.path
+
+
+def _train_qat(spec: PipelineSpec, outcomes: dict, base_dir: Path, tokenize, work: Path, tracker: Tracker, parent: str) -> None:
+    """Fine-tune each qat variant (one at a time), and add its untrained twin as a variant of its own."""
+    trainees = [o for o in outcomes.values() if isinstance(o.variant, QatVariant) and o.error is None]
+    if not trainees:
+        return
+    from tasks.export import declared_input_dtypes
+
+    declared = declared_input_dtypes(spec.model)
+    calibration = load_data_task(spec.calibration.data, declared, max_samples=spec.calibration.samples, base_dir=base_dir, tokenize=tokenize)
+    export_examples = load_data_task(spec.evaluation.data, declared, base_dir=base_dir, tokenize=tokenize).batches
+    for outcome in trainees:
+        variant: QatVariant = outcome.variant
+        name = outcome.name
+        try:
+            training = calibration if variant.training.data is None else load_data_task(
+                variant.training.data, declared, base_dir=base_dir, tokenize=tokenize
+            )
+            with _training_progress(name) as on_step:
+                result = qat_task.with_options(task_run_name=f"qat[{name}]")(
+                    spec.model, variant, calibration.batches, training.batches, export_examples,
+                    work / "variants" / name / "model.onnx", percentile=spec.calibration.percentile,
+                    base_dir=base_dir, on_step=on_step,
+                )
+        except Exception as error:
+            outcome.error, outcome.failed_stage = _describe(error), "qat"
+            say("qat", f"[red]{name} failed[/]: {outcome.error}")
+            continue
+        outcome.qat = result
+        outcome.quantized = QuantizedModel(name, result.path, result.size_bytes, result.seconds, result.notes)
+        last = f", last loss {result.steps[-1].loss:.4g}" if result.steps else ""
+        say("qat", f"{name}: {len(result.quantized_layers)} layers fake-quantized; {result.stopped}; trained {result.train_seconds:.0f} s{last}")
+        if result.untrained_path is not None:
+            untrained = variant.model_copy(
+                update={"name": f"{name}-untrained", "compare_untrained": False, "training": variant.training.model_copy(update={"steps": 0, "epochs": None})}
+            )
+            twin = VariantOutcome(untrained)
+            twin.quantized = QuantizedModel(str(untrained.name), result.untrained_path, result.untrained_size_bytes, 0.0, ["calibrated ranges, no training: post-training quantization of the same layers"])
+            outcomes[twin.name] = twin
+
+
+class _training_progress:
+    """A rich progress bar for one training run; the stage only sees an `on_step(entry, planned)` callback."""
+
+    def __init__(self, name: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn(f"[bold cyan]{'qat':>12}[/] {name}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console, transient=False,
+        )
+        self.task_id = None
+
+    def __enter__(self):
+        self.progress.start()
+
+        def on_step(entry, planned: int) -> None:
+            if self.task_id is None:
+                self.task_id = self.progress.add_task("train", total=planned, loss="-")
+            self.progress.update(self.task_id, completed=entry.step + 1, loss=f"{entry.loss:.4g}")
+
+        return on_step
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+
+def _log_qat(tracker: Tracker, run_id: str, result) -> None:
+    tracker.log_history(run_id, "qat.loss", [(entry.step, entry.loss) for entry in result.steps])
+    tracker.log_metrics(
+        run_id,
+        {
+            "qat.steps": len(result.steps),
+            "qat.planned_steps": result.planned_steps,
+            "qat.train_seconds": result.train_seconds,
+            "qat.final_loss": result.steps[-1].loss if result.steps else None,
+        },
+    )
+    tracker.set_tags(run_id, {f"{TAG_PREFIX}qat_stopped": result.stopped})
+    tracker.log_text(run_id, "\n".join(result.quantized_layers) + "\n", "qat/quantized_layers.txt")
+    tracker.log_artifact(run_id, result.checkpoint, "qat")
 
 
 def _graph_key(variant: VariantBase) -> tuple[bool, bool]:
@@ -450,7 +547,7 @@ def _cover(spec: PipelineSpec, eval_data, outcome: VariantOutcome) -> None:
         say("ops", f"[red]{outcome.name} failed[/]: {outcome.error}")
         return
     outcome.coverage = coverage
-    outcome.warnings = slow_int8_warnings(coverage) if outcome.variant.kind in ("dynamic", "static") else []
+    outcome.warnings = slow_int8_warnings(coverage) if outcome.variant.kind in ("dynamic", "static", "qat") else []
     say("ops", f"{outcome.name}: {coverage.summary()}")
     for warning in outcome.warnings:
         say("ops", f"[yellow]{outcome.name}: likely slower than FP32: {warning}[/]")
@@ -547,6 +644,8 @@ def _recipe(spec: PipelineSpec, outcome: VariantOutcome, source, ranges) -> str:
         "preprocess": spec.preprocess.model_dump(mode="json"),
         "calibration": spec.calibration.model_dump(mode="json", exclude={"data"}) if calibration else None,
         "calibration_ranges_sha256": hashlib.sha256(calibration.path.read_bytes()).hexdigest() if calibration else None,
+        # a trained model is the recipe's result only if training ran the same: hash what it produced
+        "qat_checkpoint_sha256": hashlib.sha256(outcome.qat.checkpoint.read_bytes()).hexdigest() if outcome.qat else None,
         "onnxruntime": onnxruntime.__version__,
         "onnx": onnx.__version__,
     }

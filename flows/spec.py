@@ -557,15 +557,102 @@ class Fp32Variant(VariantBase):
         return self.named("fp32")
 
 
+class QatTraining(StrictModel):
+    """How a `qat` variant is fine-tuned: data, length, optimiser and loss."""
+
+    data: DataSource | None = Field(
+        default=None,
+        description="Training inputs (with labels for `loss: task`); default: the calibration data.",
+    )
+    steps: int = Field(
+        default=200, ge=0, description="Optimiser steps (one batch each); 0 exports the calibrated model untrained."
+    )
+    epochs: int | None = Field(
+        default=None, ge=1, description="Passes over the training data instead of `steps`."
+    )
+    max_seconds: float = Field(
+        default=600.0, gt=0, description="Training stops after this long whatever `steps` says, and the run says so."
+    )
+    learning_rate: float = Field(default=1e-4, gt=0, description="AdamW learning rate of the weights (cosine decay).")
+    scale_learning_rate: float = Field(
+        default=1e-2, ge=0, description="Learning rate of the activation scales (LSQ); 0 keeps calibrated ranges fixed."
+    )
+    loss: Literal["distill_mse", "distill_cosine", "task"] = Field(
+        default="distill_mse",
+        description="`distill_mse` / `distill_cosine`: match the FP32 model's outputs (no labels needed); "
+        "`task`: cross-entropy against the data's labels.",
+    )
+    hidden_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="Hugging Face models: also match the FP32 model's last hidden states (token level, relative "
+        "MSE over real tokens) with this weight.",
+    )
+    augment: Literal["none", "token_splice"] = Field(
+        default="none",
+        description="`token_splice`: tokenized text only; a share of each batch is replaced by new sequences "
+        "spliced from two training texts, so a few hundred sentences go further.",
+    )
+    augment_share: float = Field(default=0.75, ge=0, le=1, description="Share of each batch `augment` replaces.")
+    seed: int = Field(default=0, description="Seed of torch and of batch order/augmentation: runs repeat exactly.")
+    threads: int | None = Field(default=None, ge=1, description="torch threads while training; default: torch's.")
+
+
+class QatVariant(VariantBase):
+    """Quantization-aware training in PyTorch (fake quantization), exported as a QDQ ONNX model."""
+
+    kind: Literal["qat"] = Field(description="Fine-tune with fake quantization, then export QDQ ONNX.")
+    layers: list[Literal["Linear", "Conv1d", "Conv2d"]] = Field(
+        default_factory=lambda: ["Linear", "Conv1d", "Conv2d"],
+        min_length=1,
+        description="torch layer types whose inputs, weights and outputs are fake-quantized.",
+    )
+    modules_to_exclude: list[str] = Field(
+        default_factory=list, description="Module names (as in `named_modules()`) kept in float."
+    )
+    activation_type: Int8Type | None = Field(
+        default=None, description="Activation integer type; default: the target's."
+    )
+    weight_type: Literal["QInt8"] | None = Field(default=None, description="Weight integer type (symmetric int8).")
+    per_channel: bool = Field(default=True, description="One weight scale per output channel.")
+    reduce_range: bool | None = Field(
+        default=None, description="7-bit weights (no u8s8 saturation without VNNI); default: the target's."
+    )
+    activation_symmetric: bool = Field(default=False, description="Activation ranges symmetric around zero.")
+    quantize_outputs: bool = Field(
+        default=True,
+        description="Fake-quantize layer outputs where ORT's static QDQ does (MatMul before its bias, Conv/Gemm "
+        "after it, with a following ReLU fused): integer kernels QLinearMatMul/QLinearConv/QGemm. false: "
+        "inputs and weights only (MatMul runs as MatMulIntegerToFloat).",
+    )
+    calibration_method: Literal["minmax", "percentile"] = Field(
+        default="minmax",
+        description="Initial activation ranges from the calibration data (`percentile` uses "
+        "`calibration.percentile`); training then moves them.",
+    )
+    compare_untrained: bool = Field(
+        default=True,
+        description="Also export the calibrated but untrained model as variant `<name>-untrained`: the same "
+        "quantization as post-training, judged beside the trained one.",
+    )
+    training: QatTraining = Field(default_factory=QatTraining, description="Fine-tuning settings.")
+
+    def default_name(self) -> str:
+        granularity = "per-channel" if self.per_channel else "per-tensor"
+        types = _SHORT_TYPES[self.activation_type or "QUInt8"] + "s8"
+        return self.named(f"qat-{types}-{granularity}")
+
+
 VARIANT_KINDS: dict[str, type[VariantBase]] = {
     "dynamic": DynamicVariant,
     "static": StaticVariant,
     "weight_only_int4": WeightOnlyInt4Variant,
     "fp16": Fp16Variant,
     "fp32": Fp32Variant,
+    "qat": QatVariant,
 }
 Variant = Annotated[
-    Union[DynamicVariant, StaticVariant, WeightOnlyInt4Variant, Fp16Variant, Fp32Variant],
+    Union[DynamicVariant, StaticVariant, WeightOnlyInt4Variant, Fp16Variant, Fp32Variant, QatVariant],
     Field(discriminator="kind"),
 ]
 
@@ -635,6 +722,11 @@ class Profiling(StrictModel):
     )
     warmup: int = Field(default=5, ge=0, description="Untimed runs before timing, per model.")
     runs: int = Field(default=30, ge=3, description="Timed runs per model and configuration.")
+    all_variants: bool = Field(
+        default=False,
+        description="Also time variants that miss `selection.max_drop` (they stay rejected), for side-by-side "
+        "comparisons; by default they are not worth the time.",
+    )
 
 
 class Selection(StrictModel):
@@ -684,7 +776,7 @@ class Registry(StrictModel):
 
 def _with_preset(variant: VariantBase, preset: HardwarePreset) -> VariantBase:
     defaults = {"weight_type": preset.weight_type, "reduce_range": preset.reduce_range}
-    if isinstance(variant, StaticVariant):
+    if isinstance(variant, (StaticVariant, QatVariant)):
         defaults["activation_type"] = preset.activation_type
     elif not isinstance(variant, DynamicVariant):
         return variant
@@ -747,7 +839,16 @@ class PipelineSpec(StrictModel):
             for variant in self.variants
         ):
             errors.append("static variants need a `calibration:` section")
+        qat = [variant for variant in self.variants if variant.kind == "qat"]
+        if qat and self.model.source == "onnx":
+            errors.append("qat variants train the PyTorch model: they need a `source: pytorch` or `source: huggingface` model")
+        if qat and self.calibration is None:
+            errors.append("qat variants need a `calibration:` section (initial ranges, default training data)")
+        for variant in qat:
+            if variant.fused:
+                errors.append(f"qat variant {variant.name or variant.default_name()!r}: `fused` does not apply to qat")
         names = [variant.name for variant in self.resolved_variants()]
+        names += [f"{v.name}-untrained" for v in self.resolved_variants() if isinstance(v, QatVariant) and v.compare_untrained]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             errors.append(

@@ -125,6 +125,13 @@ class Tracker:
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start : start + 1000])
 
+    def log_history(self, run_id: str, key: str, values: list[tuple[int, float]]) -> None:
+        """One metric over many steps (a training loss), in few writes."""
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(value), now, step) for step, value in values]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start : start + 1000])
+
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 

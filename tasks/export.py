@@ -70,7 +70,13 @@ def export_pytorch(
     """Export the factory's module to `out` (example: the first batch), then check parity on `batches`."""
     started = time.perf_counter()
     module = load_pytorch_module(source, base_dir)
-    names = [tensor.name for tensor in source.inputs]
+    export_module(source, module, batches, out)
+    difference = parity(module, out, batches[:PARITY_BATCHES], module_input_names(source))
+    _check_tolerance(difference, source.export.parity_tolerance)
+    return ExportedModel(out, difference, time.perf_counter() - started)
+
+
+def _pytorch_axes(source: PyTorchModelSource) -> dict[str, dict[int, str]]:
     dynamic_axes = {
         tensor.name: {axis: dim for axis, dim in enumerate(tensor.shape) if isinstance(dim, str)}
         for tensor in source.inputs
@@ -79,10 +85,7 @@ def export_pytorch(
     for output in source.outputs:
         if first_dynamic is not None:
             dynamic_axes[output] = {0: first_dynamic[0]}
-    _export(module, batches[0], names, source.outputs, dynamic_axes, source.export, out)
-    difference = parity(module, out, batches[:PARITY_BATCHES], names)
-    _check_tolerance(difference, source.export.parity_tolerance)
-    return ExportedModel(out, difference, time.perf_counter() - started)
+    return dynamic_axes
 
 
 # -- Hugging Face -------------------------------------------------------------------------------------
@@ -152,16 +155,18 @@ def load_hf_module(source: HuggingFaceModelSource):
 def export_huggingface(source: HuggingFaceModelSource, batches: Sequence[Batch], out: Path) -> ExportedModel:
     started = time.perf_counter()
     module = load_hf_module(source)
-    names = hf_input_names(source)
-    output = HF_OUTPUT_NAMES[source.task]
-    dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in names}
-    dynamic_axes[output] = {0: "batch", 1: "sequence"} if source.task == "feature-extraction" else {0: "batch"}
-    example = _padded_example(batches)
-    _export(module, example, names, [output], dynamic_axes, source.export, out)
-    difference = parity(module, out, batches[:PARITY_BATCHES], names)
+    export_module(source, module, batches, out)
+    difference = parity(module, out, batches[:PARITY_BATCHES], module_input_names(source))
     _check_tolerance(difference, source.export.parity_tolerance)
     notes = [f"pooling: {'mean over attention mask, in the graph' if source.task == 'sentence-embedding' else 'none'}"]
     return ExportedModel(out, difference, time.perf_counter() - started, notes)
+
+
+def _hf_axes(source: HuggingFaceModelSource) -> dict[str, dict[int, str]]:
+    output = HF_OUTPUT_NAMES[source.task]
+    dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in hf_input_names(source)}
+    dynamic_axes[output] = {0: "batch", 1: "sequence"} if source.task == "feature-extraction" else {0: "batch"}
+    return dynamic_axes
 
 
 def _padded_example(batches: Sequence[Batch]) -> Batch:
@@ -177,6 +182,32 @@ def _padded_example(batches: Sequence[Batch]) -> Batch:
 
 
 # -- shared ---------------------------------------------------------------------------------------------
+
+
+def module_input_names(source: PyTorchModelSource | HuggingFaceModelSource) -> list[str]:
+    """The module's forward() arguments, in order: the spec's inputs, or the tokenizer's."""
+    if isinstance(source, HuggingFaceModelSource):
+        return hf_input_names(source)
+    return [tensor.name for tensor in source.inputs]
+
+
+def module_output_names(source: PyTorchModelSource | HuggingFaceModelSource) -> list[str]:
+    if isinstance(source, HuggingFaceModelSource):
+        return [HF_OUTPUT_NAMES[source.task]]
+    return list(source.outputs)
+
+
+def export_module(
+    source: PyTorchModelSource | HuggingFaceModelSource, module, batches: Sequence[Batch], out: Path, opset: int | None = None
+) -> None:
+    """Export `module` (the source's model, or a changed copy of it) the way the spec says, to `out`."""
+    if isinstance(source, HuggingFaceModelSource):
+        axes, example = _hf_axes(source), _padded_example(batches)
+    else:
+        axes, example = _pytorch_axes(source), batches[0]
+    options = source.export if opset is None else source.export.model_copy(update={"opset": max(opset, source.export.opset)})
+    _export(module, example, module_input_names(source), module_output_names(source), axes, options, out)
+
 
 
 def _export(module, example: Batch, input_names, output_names, dynamic_axes, options, out: Path) -> None:
