@@ -166,7 +166,7 @@ def test_alias_stays_with_a_better_holder_and_is_not_compared_across_evaluation_
     # when a later run can only offer fp16 (bigger) on the same evaluation data
     only_fp16 = spec_file(tmp_path, digits_model)
     text = only_fp16.read_text()
-    variants = text[text.index("variants:"):text.index("profiling:")]
+    variants = text[text.index("variants:"):text.index("selection:")]
     only_fp16.write_text(text.replace(variants, "variants:\n  - kind: fp16\n"))
     second = runner.invoke(app, ["run", str(only_fp16)])
     # then fp16 is registered as its own version, but the alias stays with the better holder

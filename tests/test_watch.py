@@ -25,12 +25,9 @@ PIPELINE = "digits-e2e"  # the name spec_file writes
 def quick_spec(directory: Path, digits_model) -> Path:
     """The e2e test spec cut to one dynamic variant, short profiling and no registry: the watcher
     is under test here, not the pipeline."""
-    path = spec_file(directory, digits_model, registry="")
+    path = spec_file(directory, digits_model, registry="", profiling="profiling: {batch_sizes: [1], threads: [1], warmup: 1, runs: 3}")
     text = path.read_text()
-    text = text.replace(text[text.index("variants:"):text.index("profiling:")], "variants:\n  - kind: dynamic\n")
-    text = text.replace(text[text.index("profiling:"):text.index("\n", text.index("profiling:"))],
-                        "profiling: {batch_sizes: [1], threads: [1], warmup: 1, runs: 3}")
-    path.write_text(text)
+    path.write_text(text.replace(text[text.index("variants:"):text.index("selection:")], "variants:\n  - kind: dynamic\n"))
     return path
 
 
