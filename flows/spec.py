@@ -689,7 +689,7 @@ HARDWARE_PRESETS: dict[str, HardwarePreset] = {
 class Target(StrictModel):
     preset: Literal["auto", "avx2", "avx512_vnni", "arm64"] = Field(
         default="auto",
-        description="Integer types and `reduce_range` for this CPU family, used by dynamic/static variants "
+        description="Integer types and `reduce_range` for this CPU family, used by dynamic/static/qat variants "
         "that don't set them; `auto`: detected from the CPU this runs on (no VNNI and not ARM: `avx2`).",
     )
 

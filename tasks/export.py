@@ -42,12 +42,16 @@ class ExportedModel:
     notes: list[str] = field(default_factory=list)
 
 
-def _torch():
+def import_torch(error: type[Exception] = ExportError, needed_by: str = "this model source"):
+    """torch, or `error` saying what needs it and which extra installs it."""
     try:
         import torch
-    except ImportError as error:
-        raise ExportError("this model source needs PyTorch: pip install 'int8flow[torch]'") from error
+    except ImportError as missing:
+        raise error(f"{needed_by} needs PyTorch: pip install 'int8flow[torch]'") from missing
     return torch
+
+
+_torch = import_torch
 
 
 # -- PyTorch ------------------------------------------------------------------------------------------

@@ -70,11 +70,9 @@ class QatResult:
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError as error:
-        raise QatError("qat variants need PyTorch: pip install 'int8flow[torch]'") from error
-    return torch
+    from tasks.export import import_torch
+
+    return import_torch(QatError, "a qat variant")
 
 
 # -- fake quantization -------------------------------------------------------------------------------
