@@ -18,13 +18,13 @@ from pathlib import Path
 
 from onnxruntime.quantization import quantize_dynamic, quantize_static
 
-from flows.specfile import load_spec
-from flows.tracking import Tracker
-from tasks.calibrate import DatasetReader
-from tasks.data import load_dataset
-from tasks.evaluate import evaluate_model, run_model
-from tasks.model import inspect_model, model_size_bytes
-from tasks.profile import input_feed, profile_interleaved
+from int8flow.flows.specfile import load_spec
+from int8flow.flows.tracking import MlflowStore
+from int8flow.tasks.calibrate import DatasetReader
+from int8flow.tasks.data import load_dataset
+from int8flow.tasks.evaluate import evaluate_model, run_model
+from int8flow.tasks.model import inspect_model, model_size_bytes
+from int8flow.tasks.profile import input_feed, profile_interleaved
 
 
 def main() -> None:
@@ -36,36 +36,41 @@ def main() -> None:
     args = parser.parse_args()
     spec_path = Path(args.spec).resolve()
     spec = load_spec(spec_path)
-    base_dir = spec_path.parent
     work = Path(tempfile.mkdtemp(prefix="bench-"))
 
     tokenize = None
     if spec.model.source == "onnx":
         fp32 = spec.model.path
     else:
-        from tasks.export import declared_input_dtypes, export_model, hf_tokenizer
+        from int8flow.tasks.export import declared_input_dtypes, export_model, hf_tokenizer
 
         tokenize = hf_tokenizer(spec.model) if spec.model.source == "huggingface" else None
-        data = load_dataset(spec.evaluation.data, declared_input_dtypes(spec.model), base_dir=base_dir, tokenize=tokenize)
-        fp32 = export_model(spec.model, data.batches, work / "fp32.onnx", base_dir).path
+        data = load_dataset(spec.evaluation.data, declared_input_dtypes(spec.model), tokenize=tokenize)
+        fp32 = export_model(spec.model, data.batches, work / "fp32.onnx").path
     info = inspect_model(fp32)
     extra = spec.model.source != "onnx"
-    evaluation = load_dataset(spec.evaluation.data, info.input_dtypes, base_dir=base_dir, tokenize=tokenize, ignore_extra_inputs=extra)
-    calibration = load_dataset(spec.calibration.data, info.input_dtypes, max_samples=spec.calibration.samples, base_dir=base_dir, tokenize=tokenize, ignore_extra_inputs=extra)
+    evaluation = load_dataset(spec.evaluation.data, info.input_dtypes, tokenize=tokenize, ignore_extra_inputs=extra)
+    calibration = load_dataset(
+        spec.calibration.data,
+        info.input_dtypes,
+        max_samples=spec.calibration.samples,
+        tokenize=tokenize,
+        ignore_extra_inputs=extra,
+    )
 
-    tracker = Tracker(os.environ.get("MLFLOW_TRACKING_URI"))
-    holder = tracker.alias_holder(spec.registry.model_name, spec.registry.alias)
+    store = MlflowStore(os.environ.get("MLFLOW_TRACKING_URI"))
+    holder = store.holder(spec.registry.model_name, spec.registry.alias)
     models = {"FP32": fp32}
     if spec.preprocess.transformer_fusion is not None:
         # the pipeline's fused graph without int8: shows how much of the gain is fusion alone
-        from tasks.preprocess import fuse_transformer
+        from int8flow.tasks.preprocess import fuse_transformer
 
         models["FP32 fused (pipeline's graph edits, no int8)"] = fuse_transformer(
             fp32, spec.preprocess.transformer_fusion, work / "fused" / "model.onnx"
         ).path
     if holder is not None:
-        models[f"int8flow promoted ({holder.tags.get('int8flow.variant')})"] = tracker.download_version(
-            spec.registry.model_name, str(holder.version), work / "promoted"
+        models[f"int8flow promoted (v{holder.version})"] = store.download_version(
+            spec.registry.model_name, holder.version, work / "promoted"
         )
     # what a user gets from ORT's defaults, straight on the FP32 model
     quantize_dynamic(fp32, work / "plain_dynamic.onnx")
@@ -77,12 +82,17 @@ def main() -> None:
 
     metric = spec.selection_metric
     reference = run_model(fp32, evaluation, spec.evaluation.output)
-    scores = {name: evaluate_model(path, evaluation, reference, spec.evaluation.metrics, spec.evaluation.output).metrics for name, path in models.items()}
+    scores = {
+        name: evaluate_model(path, evaluation, reference, spec.evaluation.metrics, spec.evaluation.output).metrics
+        for name, path in models.items()
+    }
     configs = [(1, 1), (1, 2), (32, 1), (32, 2)]
     latency = {}
     for batch_size, threads in configs:
         runs, warmup = (args.runs, args.warmup) if batch_size == 1 else (args.runs_b32, 1)
-        latency[(batch_size, threads)] = profile_interleaved(models, input_feed(evaluation, batch_size), threads, warmup, runs)
+        latency[(batch_size, threads)] = profile_interleaved(
+            models, input_feed(evaluation, batch_size), threads, warmup, runs
+        )
 
     shape = " x ".join(str(d) for d in next(iter(input_feed(evaluation, 1).values())).shape[1:])
     print(f"### {spec.name} (input per sample: {shape}; {metric.name} on {evaluation.samples} evaluation samples)\n")

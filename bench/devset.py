@@ -32,7 +32,10 @@ def run(spec: str, tabulate=None) -> str:
         started = time.perf_counter()
         done = subprocess.run(
             [str(ROOT / ".venv" / "bin" / "int8flow"), "run", str(ROOT / "pipelines" / f"{spec}.yaml")],
-            cwd=folder, env=env, capture_output=True, text=True,
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
         )
         seconds = time.perf_counter() - started
         if done.returncode != 0:
@@ -53,7 +56,11 @@ def table(client: MlflowClient, spec: str, seconds: float) -> str:
     tags = parent.data.tags
     children = sorted(
         runs,
-        key=lambda r: (r.data.tags.get("int8flow.fallback_of", r.info.run_name), "int8flow.fallback_of" in r.data.tags, r.info.start_time),
+        key=lambda r: (
+            r.data.tags.get("int8flow.fallback_of", r.info.run_name),
+            "int8flow.fallback_of" in r.data.tags,
+            r.info.start_time,
+        ),
     )
     fp32 = parent.data.metrics[f"fp32.{metric}"]
     lines = [
@@ -62,7 +69,9 @@ def table(client: MlflowClient, spec: str, seconds: float) -> str:
         f"Target `{tags['int8flow.target_preset']}` on {tags['int8flow.cpu']}; FP32 {metric} {fp32:.4f}; "
         f"whole run {seconds:.0f} s.",
         f"Repairs: {tags['int8flow.repairs']}.",
-        f"Outcome: **{tags['int8flow.summary']}**" + (f", registered v{tags['int8flow.registered_version']}" if "int8flow.registered_version" in tags else "") + ".",
+        f"Outcome: **{tags['int8flow.summary']}**"
+        + (f", registered v{tags['int8flow.registered_version']}" if "int8flow.registered_version" in tags else "")
+        + ".",
         "",
         f"| variant | float nodes | {metric} drop | speed-up vs FP32 | integer ops (share of time) | verdict |",
         "|---|---|---|---|---|---|",

@@ -20,7 +20,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from devset import pipeline_runs, run  # noqa: E402
+from devset import pipeline_runs, run
 
 DEFAULT = ["minilm-qat", "mnist-cnn-qat"]
 
@@ -49,15 +49,21 @@ def table(client: MlflowClient, spec: str, seconds: float) -> str:
         m, t = run_.data.metrics, run_.data.tags
         training = "—"
         if t.get("int8flow.kind") == "qat":
-            training = f"{m['qat.steps']:.0f} steps, {m['qat.train_seconds']:.0f} s" if m.get("qat.steps") else "none (PTQ)"
+            training = (
+                f"{m['qat.steps']:.0f} steps, {m['qat.train_seconds']:.0f} s" if m.get("qat.steps") else "none (PTQ)"
+            )
         latency = f"{m[f'{key}_p50_ms']:.3g}" if f"{key}_p50_ms" in m else "not timed"
         speedup = f"{m['speedup']:.2f}×" if m.get("speedup") else "—"
-        integer = f"{m['ops.count.integer']:.0f} ({m['ops.time_share.integer']:.0%})" if "ops.count.integer" in m else "—"
+        integer = (
+            f"{m['ops.count.integer']:.0f} ({m['ops.time_share.integer']:.0%})" if "ops.count.integer" in m else "—"
+        )
         verdict = "**selected**" if t.get("int8flow.selected") == "true" else t.get("int8flow.verdict", "")
         value = f"{m[metric]:.4f}" if metric in m else "failed"
         drop = f"{m[f'{metric}_drop']:.4f}" if f"{metric}_drop" in m else "—"
         size = f"{m['size_mb']:.1f}" if "size_mb" in m else "—"
-        lines.append(f"| {run_.info.run_name} | {t.get('int8flow.kind')} | {value} | {drop} | {latency} | {speedup} | {size} | {training} | {integer} | {verdict} |")
+        lines.append(
+            f"| {run_.info.run_name} | {t.get('int8flow.kind')} | {value} | {drop} | {latency} | {speedup} | {size} | {training} | {integer} | {verdict} |"
+        )
     return "\n".join(lines) + "\n"
 
 

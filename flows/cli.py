@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 
-from flows.specfile import SpecError, load_spec
+from int8flow.flows.specfile import SpecError, load_spec
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Quantize an FP32 ONNX model into the best INT8/int4/fp16 variant, and prove it.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Quantize an FP32 ONNX model into the best INT8/int4/fp16 variant, and prove it.",
+)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # file:line stays on one line
 out = Console(highlight=False, soft_wrap=True)
 EXIT_BAD_INPUT = 2
@@ -37,8 +43,14 @@ def validate(spec_files: list[Path] = typer.Argument(..., help="Pipeline spec(s)
         except typer.Exit:
             failed = True
             continue
-        names = ", ".join(str(v.name) for v in spec.resolved_variants())
+        from int8flow.flows.plan import make_plan
+        from int8flow.tasks.hardware import detect
+
+        plan = make_plan(spec, detect())
+        names = ", ".join(variant.label for variant in plan.variants)
         out.print(f"[green]ok[/] {spec_file}: pipeline {spec.name!r}, variants: {names}")
+        for warning in plan.warnings:  # true of this CPU; the run says it again and records it
+            err.print(f"[yellow]warning[/] {spec_file}: on this CPU ({plan.detected}): {warning}")
     if failed:
         raise typer.Exit(EXIT_BAD_INPUT)
 
@@ -48,7 +60,7 @@ def schema(
     output: Path | None = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
 ) -> None:
     """Print the JSON Schema of the spec, generated from the spec models."""
-    from flows.spec import PipelineSpec
+    from int8flow.flows.spec import PipelineSpec
 
     text = json.dumps(PipelineSpec.model_json_schema(), indent=2) + "\n"
     if output is None:
@@ -72,18 +84,20 @@ def run(
     """Run the whole pipeline: quantize, evaluate, profile, select, register."""
     spec = _validated(spec_file)  # bad input stops here, before any run is created
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
-    from flows.tracking import configure_environment
+    from int8flow.flows.tracking import configure_environment
 
     configure_environment()
     _overlapped_startup(spec)
-    from flows.pipeline import dask_task_runner, quantization_pipeline
+    from int8flow.flows.pipeline import dask_task_runner, quantization_pipeline
 
     if dask_address or dask_workers:
-        quantization_pipeline = quantization_pipeline.with_options(task_runner=dask_task_runner(dask_address, dask_workers))
+        quantization_pipeline = quantization_pipeline.with_options(
+            task_runner=dask_task_runner(dask_address, dask_workers)
+        )
         out.print(f"fan-out: Dask {dask_address or f'local cluster of {dask_workers} worker process(es)'}")
 
-    from tasks.data import DataError
-    from tasks.export import ExportError
+    from int8flow.tasks.data import DataError
+    from int8flow.tasks.export import ExportError
 
     try:
         outcome = quantization_pipeline(str(spec_file.resolve()))
@@ -107,11 +121,13 @@ def deploy(
     """Register a Prefect deployment of the spec on a server's work pool (needs PREFECT_API_URL)."""
     spec = _validated(spec_file)
     _needs_server("deploy")
-    from flows.deploy import deploy as deploy_spec
+    from int8flow.flows.deploy import deploy as deploy_spec
 
     deployment_id = deploy_spec(spec_file, name or spec.name, pool, cron, interval)
-    out.print(f"deployment int8flow/{name or spec.name} ({deployment_id}) on pool {pool!r}; "
-              f"schedule: {cron or (f'every {interval:g} s' if interval else 'none (run on demand)')}")
+    out.print(
+        f"deployment int8flow/{name or spec.name} ({deployment_id}) on pool {pool!r}; "
+        f"schedule: {cron or (f'every {interval:g} s' if interval else 'none (run on demand)')}"
+    )
     out.print(f"start a worker: prefect worker start --pool {pool}")
 
 
@@ -124,20 +140,29 @@ def serve(
 ) -> None:
     """Run the spec on a schedule from this one process (Prefect `flow.serve`) until stopped."""
     spec = _validated(spec_file)
-    from flows.deploy import serve as serve_spec
-    from flows.tracking import configure_environment
+    from int8flow.flows.deploy import serve as serve_spec
+    from int8flow.flows.tracking import configure_environment
 
     configure_environment()
+    _local_prefect()
     serve_spec(spec_file, name or spec.name, cron, interval)
 
 
 @app.command()
 def watch(
     spec_file: Path = typer.Argument(..., help="Pipeline spec (YAML) applied to every new model."),
-    folder: Path | None = typer.Option(None, "--folder", help="Quantize new *.onnx files in this folder (not recursive)."),
-    registry_model: str | None = typer.Option(None, "--registry-model", help="Quantize new versions of this registered model."),
-    registry_tag: str | None = typer.Option(None, "--registry-tag", help="Only versions with this tag, key=value (alone: any model's)."),
-    deployment: str | None = typer.Option(None, "--deployment", help="Trigger this deployment (int8flow/<name>) per model instead of running here."),
+    folder: Path | None = typer.Option(
+        None, "--folder", help="Quantize new *.onnx files in this folder (not recursive)."
+    ),
+    registry_model: str | None = typer.Option(
+        None, "--registry-model", help="Quantize new versions of this registered model."
+    ),
+    registry_tag: str | None = typer.Option(
+        None, "--registry-tag", help="Only versions with this tag, key=value (alone: any model's)."
+    ),
+    deployment: str | None = typer.Option(
+        None, "--deployment", help="Trigger this deployment (int8flow/<name>) per model instead of running here."
+    ),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where registry versions are downloaded."),
 ) -> None:
     """Quantize each new model (a file in a folder, a registry version) once, by content."""
@@ -146,7 +171,7 @@ def watch(
         err.print("[red]error[/] give --folder, --registry-model or --registry-tag")
         raise typer.Exit(EXIT_BAD_INPUT)
     if registry_tag is not None:
-        from tasks.discover import parse_tag
+        from int8flow.tasks.discover import parse_tag
 
         try:
             parse_tag(registry_tag)
@@ -154,12 +179,13 @@ def watch(
             err.print(f"[red]error[/] --registry-tag: {error}")
             raise typer.Exit(EXIT_BAD_INPUT) from None
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from flows.tracking import configure_environment
+    from int8flow.flows.tracking import configure_environment
 
     configure_environment()
     if deployment:
         _needs_server("watch --deployment")
-    from flows.watch import watch_models
+    _local_prefect()
+    from int8flow.flows.watch import watch_models
 
     report = watch_models(
         str(spec_file.resolve()),
@@ -181,41 +207,37 @@ def _needs_server(command: str) -> None:
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        err.print(f"[red]error[/] `int8flow {command}` needs a Prefect server: set PREFECT_API_URL "
-                  "(see infra/README.md; `eval \"$(bash infra/servers.sh env)\"`)")
+        err.print(
+            f"[red]error[/] `int8flow {command}` needs a Prefect server: set PREFECT_API_URL "
+            '(see infra/README.md; `eval "$(bash infra/servers.sh env)"`)'
+        )
         raise typer.Exit(EXIT_BAD_INPUT)
 
 
-def _overlapped_startup(spec) -> None:
-    """Start Prefect's ephemeral server while this process opens the MLflow store and imports the
-    exporter's libraries: three fixed costs of several seconds each, paid side by side.
+def _local_prefect() -> None:
+    """Prefect's ephemeral server (without PREFECT_API_URL), made to die with this process."""
+    from int8flow.flows.prefect_local import exit_cleanly_on_signals, start_ephemeral_server
 
-    Only in the embedded default (no `PREFECT_API_URL`); the flow would start the same server itself.
-    """
-    import contextlib
-    import threading
+    exit_cleanly_on_signals()
+    start_ephemeral_server()()
 
-    from prefect.server.api.server import SubprocessASGIServer  # imported here, not in the thread
-    from prefect.settings import PREFECT_API_URL
 
-    def start_server() -> None:
-        with contextlib.suppress(Exception):  # if it fails, the flow starts it and reports the error
-            SubprocessASGIServer().start()
+def _overlapped_startup(spec: Any) -> None:
+    """Start Prefect's ephemeral server (embedded default) while this process opens the MLflow store and
+    imports the exporter's libraries: three fixed costs of several seconds each, paid side by side.
+    The server dies with this process, whatever ends it (`flows.prefect_local`)."""
+    from int8flow.flows.prefect_local import exit_cleanly_on_signals, start_ephemeral_server
+    from int8flow.flows.tracking import MlflowStore
 
-    starter = None
-    if not PREFECT_API_URL.value():
-        starter = threading.Thread(target=start_server, name="prefect-ephemeral-start", daemon=True)
-        starter.start()
-    from flows.tracking import Tracker
-
-    Tracker().experiment_id(spec.name)  # creates the SQLite schema on a fresh store
+    exit_cleanly_on_signals()
+    server_ready = start_ephemeral_server()
+    MlflowStore().experiment_id(spec.name)  # creates the SQLite schema on a fresh store
     if spec.model.source != "onnx":
         import torch  # noqa: F401
 
         if spec.model.source == "huggingface":
             import transformers  # noqa: F401
-    if starter is not None:
-        starter.join()
+    server_ready()
 
 
 if __name__ == "__main__":

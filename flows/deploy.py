@@ -9,7 +9,9 @@ scheduled runs (Prefect's `Flow.serve`), nothing else needed but the Prefect API
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,10 +28,8 @@ def ensure_process_pool(name: str) -> None:
         try:
             client.read_work_pool(name)
         except ObjectNotFound:
-            try:
+            with contextlib.suppress(ObjectAlreadyExists):  # created by someone else meanwhile
                 client.create_work_pool(WorkPoolCreate(name=name, type="process"))
-            except ObjectAlreadyExists:  # created by someone else meanwhile
-                pass
 
 
 def deploy(spec_file: Path, name: str, pool: str, cron: str | None, interval: float | None) -> UUID:
@@ -37,7 +37,7 @@ def deploy(spec_file: Path, name: str, pool: str, cron: str | None, interval: fl
     from prefect import Flow
 
     ensure_process_pool(pool)
-    flow = Flow.from_source(source=str(REPO_ROOT), entrypoint=ENTRYPOINT)
+    flow: Any = Flow.from_source(source=str(REPO_ROOT), entrypoint=ENTRYPOINT)  # sync call: a Flow, not a coroutine
     return flow.deploy(
         name=name,
         work_pool_name=pool,
@@ -54,6 +54,8 @@ def deploy(spec_file: Path, name: str, pool: str, cron: str | None, interval: fl
 
 def serve(spec_file: Path, name: str, cron: str | None, interval: float | None) -> None:
     """Serve the pipeline on a schedule from this process until it is stopped."""
-    from flows.pipeline import quantization_pipeline
+    from int8flow.flows.pipeline import quantization_pipeline
 
-    quantization_pipeline.serve(name=name, cron=cron, interval=interval, parameters={"spec_file": str(spec_file.resolve())})
+    quantization_pipeline.serve(
+        name=name, cron=cron, interval=interval, parameters={"spec_file": str(spec_file.resolve())}
+    )

@@ -22,9 +22,9 @@ def ensure_lock(name: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectAlreadyExists
 
-    with get_client(sync_client=True) as client:
-        with contextlib.suppress(ObjectAlreadyExists):  # another process created it meanwhile
-            client.upsert_global_concurrency_limit_by_name(name=name, limit=1)
+    # another process may create it meanwhile
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.upsert_global_concurrency_limit_by_name(name=name, limit=1)
 
 
 @contextlib.contextmanager

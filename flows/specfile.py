@@ -1,7 +1,9 @@
 """Read a spec file and report every problem at once, each with file:line, dotted path and a hint.
 
-PyYAML's node tree keeps line numbers; pydantic's error locations are walked down that tree to find
-the line of the offending key (or its closest existing parent).
+PyYAML's node tree keeps line numbers; pydantic's error locations (and those of the spec's cross-field
+rules) are walked down that tree to find the line of the offending key (or its closest existing
+parent). Reading is bounded: a spec over `MAX_SPEC_BYTES`, or whose anchors and aliases would expand
+past `MAX_EXPANDED_NODES` ("billion laughs"), is refused before anything walks it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from flows.spec import MODEL_SOURCES, VARIANT_KINDS, PipelineSpec
+from int8flow.flows.spec import PipelineSpec, dotted, spec_model
+from int8flow.tasks.kinds import KINDS, KindRegistry
+from int8flow.tasks.sources import MODEL_SOURCES
+
+MAX_SPEC_BYTES = 1_000_000
+MAX_EXPANDED_NODES = 100_000
 
 
 @dataclass(frozen=True)
@@ -39,36 +46,100 @@ class SpecError(Exception):
         super().__init__("\n".join(str(problem) for problem in problems))
 
 
-def load_spec(file: Path, *, check_imports: bool = True) -> PipelineSpec:
-    """Parse and validate `file`; raise SpecError listing every problem."""
+def load_spec(
+    file: Path, *, check_imports: bool = True, import_code: bool = False, kinds: KindRegistry | None = None
+) -> PipelineSpec:
+    """Parse and validate `file`; raise SpecError listing every problem.
+
+    `check_imports`: check that `module:function` references resolve (without importing them unless
+    `import_code`). `kinds`: another registry of variant kinds than the built-in one.
+    """
     file = Path(file)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as error:
-        raise SpecError([SpecProblem(file, None, "", f"cannot read spec: {error.strerror or error}")]) from error
+    text = _read(file)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if _expanded_size(root, {}) > MAX_EXPANDED_NODES:
+            raise SpecError(
+                [
+                    SpecProblem(
+                        file,
+                        None,
+                        "",
+                        f"anchors and aliases expand to more than {MAX_EXPANDED_NODES} YAML nodes; write the spec out",
+                    )
+                ]
+            )
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
         line = mark.line + 1 if mark else None
         reason = getattr(error, "problem", None) or str(error)
-        raise SpecError([SpecProblem(file, line, "", f"invalid YAML: {reason}")]) from error
+        raise SpecError([SpecProblem(file, line, "", f"invalid YAML: {reason}")]) from None
 
     problems = _duplicate_keys(file, root)
     if not isinstance(data, dict):
         problems.append(SpecProblem(file, 1, "", "expected a mapping of spec fields at the top level"))
         raise SpecError(problems)
+    model = PipelineSpec if kinds is None or kinds is KINDS else spec_model(kinds)
+    context = {
+        "base_dir": file.resolve().parent,
+        "check_imports": check_imports,
+        "import_code": import_code,
+        "defer_cross_field": True,
+    }
     try:
-        spec = PipelineSpec.model_validate(
-            data, context={"base_dir": file.resolve().parent, "check_imports": check_imports}
-        )
+        spec = model.model_validate(data, context=context)
     except ValidationError as error:
-        problems.extend(_problem(file, root, detail) for detail in error.errors())
+        problems.extend(_problem(file, root, detail, kinds or KINDS) for detail in error.errors())
         raise SpecError(problems) from None
+    for rule in spec.problems():
+        location = _data_location(root, rule.location)
+        problems.append(SpecProblem(file, _line(root, location), dotted(location), rule.message))
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def _read(file: Path) -> str:
+    def refuse(message: str) -> SpecError:
+        return SpecError([SpecProblem(file, None, "", message)])
+
+    try:
+        if file.is_dir():
+            raise refuse("is a folder, not a spec file")
+        size = file.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise refuse(f"{size:,} bytes; a spec is at most {MAX_SPEC_BYTES:,} (data goes in data files)")
+        raw = file.read_bytes()
+    except OSError as error:
+        raise refuse(f"cannot read spec: {error.strerror or error}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise SpecError(
+            [SpecProblem(file, line, "", f"not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start})")]
+        ) from None
+    if not text.strip():
+        raise refuse("the file is empty")
+    return text
+
+
+def _expanded_size(node: yaml.Node | None, sizes: dict[int, int]) -> int:
+    """Nodes the tree holds once every alias is expanded (shared subtrees counted each time)."""
+    if node is None:
+        return 0
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = 1  # a recursive alias counts once instead of looping
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(key, sizes) + _expanded_size(value, sizes) for key, value in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(item, sizes) for item in node.value)
+    else:
+        size = 1
+    sizes[id(node)] = min(size, MAX_EXPANDED_NODES + 1)
+    return sizes[id(node)]
 
 
 def _duplicate_keys(file: Path, node: yaml.Node | None, path: tuple = ()) -> list[SpecProblem]:
@@ -78,9 +149,7 @@ def _duplicate_keys(file: Path, node: yaml.Node | None, path: tuple = ()) -> lis
         seen: set[str] = set()
         for key, value in node.value:
             if key.value in seen:
-                problems.append(
-                    SpecProblem(file, key.start_mark.line + 1, dotted((*path, key.value)), "duplicate key")
-                )
+                problems.append(SpecProblem(file, key.start_mark.line + 1, dotted((*path, key.value)), "duplicate key"))
             seen.add(key.value)
             problems.extend(_duplicate_keys(file, value, (*path, key.value)))
     elif isinstance(node, yaml.SequenceNode):
@@ -89,12 +158,12 @@ def _duplicate_keys(file: Path, node: yaml.Node | None, path: tuple = ()) -> lis
     return problems
 
 
-def _problem(file: Path, root: yaml.Node | None, detail: dict[str, Any]) -> SpecProblem:
+def _problem(file: Path, root: yaml.Node | None, detail: Any, kinds: KindRegistry) -> SpecProblem:
     location = _data_location(root, detail["loc"])
     message = detail["msg"].removeprefix("Value error, ")
     if detail["type"] == "extra_forbidden":
         message = "unknown key"
-        owner = _model_at(detail["loc"][:-1])
+        owner = _model_at(detail["loc"][:-1], kinds)
         if owner is not None:
             known = [name for name in owner.model_fields if name != "model_config"]
             close = difflib.get_close_matches(str(detail["loc"][-1]), known, n=1, cutoff=0.6)
@@ -168,14 +237,14 @@ def _line(root: yaml.Node | None, location: tuple) -> int | None:
     return line
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
+def _model_at(loc: tuple, kinds: KindRegistry) -> type[BaseModel] | None:
     """The spec model class that owns the mapping at pydantic location `loc`."""
     owner: type[BaseModel] | None = PipelineSpec
     for part in loc:
         if isinstance(part, int):
             continue
-        if part in VARIANT_KINDS:
-            owner = VARIANT_KINDS[part]
+        if part in kinds:
+            owner = kinds[part]
         elif part in MODEL_SOURCES:
             owner = MODEL_SOURCES[part]
         elif owner is not None and part in owner.model_fields:
@@ -195,10 +264,3 @@ def _inner_model(annotation: Any) -> type[BaseModel] | None:
         models = [model for arg in typing.get_args(annotation) if (model := _inner_model(arg))]
         return models[0] if len(models) == 1 else None
     return None
-
-
-def dotted(location: tuple) -> str:
-    text = ""
-    for part in location:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text

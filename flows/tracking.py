@@ -1,8 +1,14 @@
-"""The one MLflow adapter: parent run per pipeline run, nested run per variant, registry and alias.
+"""The one MLflow adapter: every tag, metric and artifact name int8flow writes is decided here.
 
-Everything goes through `MlflowClient` with explicit run ids, so nothing depends on MLflow's
-thread-local active run (invisible in Prefect's worker threads). Runs are always ended: FAILED with
-the error when something raises, KILLED on Ctrl-C; nothing is left RUNNING.
+- `MlflowStore`: the client, with explicit run ids everywhere (MLflow's thread-local active run is
+  invisible in Prefect's worker threads), runs that always end (FAILED with the error, KILLED on
+  Ctrl-C), and the Model Registry (versions, aliases, recipes).
+- `PipelineRun`: one pipeline run as MLflow shows it: a parent run, one nested run per variant
+  (written as soon as the variant is evaluated, not at the end), fallback steps nested under the
+  variant they came from.
+- `NullPipelineRun`: the same calls doing nothing, for the bare pipeline the overhead benchmark times.
+The watcher's claims go through `MlflowStore` too (`flows.watch`). MLflow itself is imported by the
+store, not by this module: the bare pipeline uses `NullPipelineRun` and must not pay for MLflow.
 """
 
 from __future__ import annotations
@@ -18,15 +24,63 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from int8flow.tasks.select import Contender
 
 EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlruns"
-TAG_PREFIX = "int8flow."
 MAX_PARAM_LENGTH = 6000
+MAX_TAG_LENGTH = 5000
+
+
+class Tag:
+    """Tags int8flow writes (runs and model versions); the prefix keeps them apart from MLflow's own."""
+
+    PREFIX = "int8flow."
+    # parent run
+    PIPELINE = "int8flow.pipeline"
+    MODEL_PATH = "int8flow.model_path"
+    SOURCE_SHA256 = "int8flow.source_sha256"
+    VERSION = "int8flow.version"
+    ONNX_VERSION = "int8flow.onnx_version"
+    ORT_VERSION = "int8flow.onnxruntime_version"
+    CPU = "int8flow.cpu"
+    CPU_FLAG = "int8flow.cpu."  # + flag name: "true" / "false"
+    MACHINE = "int8flow.machine"
+    LOGICAL_CPUS = "int8flow.logical_cpus"
+    EXECUTION_PROVIDERS = "int8flow.execution_providers"
+    TARGET_PRESET = "int8flow.target_preset"
+    TARGET_REASON = "int8flow.target_reason"
+    DETECTED_PRESET = "int8flow.detected_preset"
+    REPAIRS = "int8flow.repairs"
+    EVAL_FINGERPRINT = "int8flow.eval_fingerprint"
+    CALIBRATION_FINGERPRINT = "int8flow.calibration_fingerprint"
+    SUMMARY = "int8flow.summary"
+    REGISTERED_VERSION = "int8flow.registered_version"
+    RUN_WARNINGS = "int8flow.run_warnings"
+    # both
+    SELECTED = "int8flow.selected"
+    ERROR = "int8flow.error"
+    # variant run
+    KIND = "int8flow.kind"
+    ELIGIBLE = "int8flow.eligible"
+    VERDICT = "int8flow.verdict"
+    NOTES = "int8flow.notes"
+    OP_COVERAGE = "int8flow.op_coverage"
+    WARNINGS = "int8flow.warnings"
+    FALLBACK_OF = "int8flow.fallback_of"
+    KEPT_IN_FLOAT = "int8flow.kept_in_float"
+    FALLBACK = "int8flow.fallback"
+    FALLBACK_BEST = "int8flow.fallback_best"
+    QAT_STOPPED = "int8flow.qat_stopped"
+    ALIAS_DECISION = "int8flow.alias_decision"
+    # model version
+    RECIPE = "int8flow.recipe"
+    VARIANT = "int8flow.variant"
+    SIZE_BYTES = "int8flow.size_bytes"
+    OBJECTIVE = "int8flow.objective"
+    METRIC = "int8flow.metric."  # + metric name: the version's score
+    # watcher claims
+    CLAIM = "int8flow.claim."
 
 
 def embedded_tracking_uri(root: Path | None = None) -> str:
@@ -39,7 +93,7 @@ def configure_environment() -> str:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's ephemeral server gets 20 s to start by default; on 2 busy cores it sometimes needs more.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("MLFLOW_TRACKING_URI", embedded_tracking_uri())
     return os.environ["MLFLOW_TRACKING_URI"]
 
@@ -66,8 +120,13 @@ class RegisteredVersion:
     reused: bool  # an identical version (same recipe) was already registered
 
 
-class Tracker:
+class MlflowStore:
+    """MLflow through `MlflowClient`, with explicit run ids."""
+
     def __init__(self, tracking_uri: str | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
         self.tracking_uri = tracking_uri or configure_environment()
         mlflow.set_tracking_uri(self.tracking_uri)
         self.client = MlflowClient(self.tracking_uri)
@@ -75,27 +134,35 @@ class Tracker:
     # -- runs --------------------------------------------------------------------------------------
 
     def experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
-            return experiment.experiment_id
+            return str(experiment.experiment_id)
         artifact_location = None
         if self.tracking_uri == embedded_tracking_uri():
             artifact_location = (Path.cwd() / EMBEDDED_ARTIFACTS).resolve().as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
+            return str(self.client.create_experiment(name, artifact_location=artifact_location))
         except MlflowException:  # another process created it meanwhile
-            return self.client.get_experiment_by_name(name).experiment_id
+            found = self.client.get_experiment_by_name(name)
+            assert found is not None
+            return str(found.experiment_id)
+
+    def create_run(
+        self, experiment_id: str, run_name: str, tags: Mapping[str, str], parent_id: str | None = None
+    ) -> str:
+        all_tags = dict(tags)
+        if parent_id is not None:
+            all_tags["mlflow.parentRunId"] = parent_id
+        return str(self.client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id)
 
     @contextlib.contextmanager
     def run(
         self, experiment_id: str, run_name: str, tags: Mapping[str, str] | None = None, parent_id: str | None = None
     ) -> Iterator[str]:
         """A run that is ended whatever happens: FINISHED, FAILED (error recorded) or KILLED."""
-        all_tags = dict(tags or {})
-        if parent_id is not None:
-            all_tags["mlflow.parentRunId"] = parent_id
-        run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-        run_id = run.info.run_id
+        run_id = self.create_run(experiment_id, run_name, tags or {}, parent_id)
         try:
             yield run_id
         except KeyboardInterrupt:
@@ -105,21 +172,28 @@ class Tracker:
             self.end(run_id, "FAILED", f"{type(error).__name__}: {error}", traceback.format_exc())
             raise
         else:
-            if self.client.get_run(run_id).info.status == "RUNNING":
-                self.end(run_id, "FINISHED")
+            self.end_if_running(run_id)
+
+    def end_if_running(self, run_id: str, status: str = "FINISHED") -> None:
+        if self.client.get_run(run_id).info.status == "RUNNING":
+            self.end(run_id, status)
 
     def end(self, run_id: str, status: str, error: str | None = None, details: str | None = None) -> None:
         if error is not None:
-            self.client.set_tag(run_id, f"{TAG_PREFIX}error", error[:5000])
+            self.client.set_tag(run_id, Tag.ERROR, error[:MAX_TAG_LENGTH])
             self.client.log_text(run_id, details or error, "error.txt")
         self.client.set_terminated(run_id, status)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
         items = [Param(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in params.items()]
         for start in range(0, len(items), 100):  # MLflow's per-batch limit
             self.client.log_batch(run_id, params=items[start : start + 100])
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float | None], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         items = [Metric(key, float(value), now, step) for key, value in metrics.items() if value is not None]
         for start in range(0, len(items), 1000):
@@ -127,13 +201,19 @@ class Tracker:
 
     def log_history(self, run_id: str, key: str, values: list[tuple[int, float]]) -> None:
         """One metric over many steps (a training loss), in few writes."""
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         items = [Metric(key, float(value), now, step) for step, value in values]
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start : start + 1000])
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+        from mlflow.entities import RunTag
+
+        items = [RunTag(key, str(value)[:MAX_TAG_LENGTH]) for key, value in tags.items()]
+        if items:
+            self.client.log_batch(run_id, tags=items)
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
@@ -145,21 +225,29 @@ class Tracker:
 
     def find_version(self, name: str, recipe: str) -> RegisteredVersion | None:
         """A registered version built from the same recipe (same model, variant, data), if any."""
-        try:
-            versions = self.client.search_model_versions(f"name='{name}'")
-        except MlflowException:
-            return None
-        for version in versions:
-            if version.tags.get(f"{TAG_PREFIX}recipe") == recipe:
+        for version in self._versions(name):
+            if version.tags.get(Tag.RECIPE) == recipe:
                 return RegisteredVersion(name, str(version.version), reused=True)
         return None
 
+    def _versions(self, name: str) -> list[Any]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            return []
+        # The name is validated at spec load (letters, digits, `_.-`): no quote can break the filter.
+        return list(self.client.search_model_versions(f"name='{name}'"))
+
     def register(
-        self, run_id: str, model_path: Path, name: str, signature, tags: Mapping[str, str]
+        self, run_id: str, model_path: Path, name: str, signature: Any, tags: Mapping[str, str]
     ) -> RegisteredVersion:
         """Log `model_path` as an ONNX-flavour MLflow model in `run_id` and register it as a new version."""
+        import mlflow
         import onnx
         import onnxruntime
+        from mlflow.exceptions import MlflowException
 
         with mlflow.start_run(run_id=run_id):
             info = mlflow.onnx.log_model(
@@ -168,7 +256,8 @@ class Tracker:
                 signature=signature,
                 pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
                 onnx_execution_providers=["CPUExecutionProvider"],
-                save_as_external_data=model_path.stat().st_size > 1_800_000_000 or any(model_path.parent.glob("*.data")),
+                save_as_external_data=model_path.stat().st_size > 1_800_000_000
+                or any(model_path.parent.glob("*.data")),
             )
         try:
             self.client.get_registered_model(name)
@@ -180,34 +269,65 @@ class Tracker:
         )
         return RegisteredVersion(name, str(version.version), reused=False)
 
-    def alias_holder(self, name: str, alias: str):
-        """The model version holding `alias`, or None."""
+    def holder(self, name: str, alias: str) -> Contender | None:
+        """The version holding `alias`, as the alias decision sees it, or None."""
+        from mlflow.exceptions import MlflowException
+
         try:
-            return self.client.get_model_version_by_alias(name, alias)
+            version = self.client.get_model_version_by_alias(name, alias)
         except MlflowException:
             return None
+        return self.contender(version)
+
+    def contender(self, version: Any) -> Contender:
+        tags = version.tags
+        metrics = {
+            key.removeprefix(Tag.METRIC): float(value) for key, value in tags.items() if key.startswith(Tag.METRIC)
+        }
+        size = tags.get(Tag.SIZE_BYTES)
+        return Contender(str(version.version), metrics, int(size) if size else None, tags.get(Tag.EVAL_FINGERPRINT))
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
 
+    def tag_version(self, name: str, version: str, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, str(value)[:MAX_TAG_LENGTH])
+
+    def download(self, uri: str, directory: Path) -> Path:
+        """The artifacts at `uri` (`models:/name/version`, `runs:/...`) downloaded into `directory`."""
+        import mlflow
+
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(directory), tracking_uri=self.tracking_uri
+            )
+        )
+
     def download_version(self, name: str, version: str, directory: Path) -> Path:
         """The ONNX file of a registered version, downloaded into `directory`."""
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=str(directory), tracking_uri=self.tracking_uri
-        )
-        found = sorted(Path(local).rglob("*.onnx"))
+        found = sorted(self.download(f"models:/{name}/{version}", directory).rglob("*.onnx"))
         if not found:
             raise FileNotFoundError(f"no .onnx file in registered model {name} version {version}")
         return found[0]
 
+    def search_versions(self, filter_string: str) -> list[Any]:
+        versions, token = [], None
+        while True:
+            page = self.client.search_model_versions(filter_string, page_token=token)
+            versions += list(page)
+            token = page.token
+            if not token:
+                return versions
 
-def onnx_signature(inputs, outputs):
+
+def onnx_signature(inputs: Any, outputs: Any) -> Any:
     """An MLflow tensor signature from `tasks.model.TensorInfo` lists (unknown dims as -1)."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    def spec(tensor) -> TensorSpec:
+    def spec(tensor: Any) -> TensorSpec:
         shape = tuple(dim if isinstance(dim, int) and dim > 0 else -1 for dim in tensor.shape)
         return TensorSpec(np.dtype(tensor.dtype), shape, tensor.name)
 
@@ -218,3 +338,260 @@ def onnx_signature(inputs, outputs):
 def scratch_dir(prefix: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix=prefix) as directory:
         yield Path(directory)
+
+
+# -- one pipeline run ---------------------------------------------------------------------------------
+
+
+class PipelineRun:
+    """The parent run of one pipeline run and its nested variant runs."""
+
+    def __init__(self, store: MlflowStore, experiment_id: str, run_id: str):
+        self.store = store
+        self.experiment_id = experiment_id
+        self.run_id = run_id
+        self._variant_runs: dict[str, str] = {}
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, store: MlflowStore, pipeline: str, model_path: Path | None = None) -> Iterator[PipelineRun]:
+        """The parent run, ended FAILED (with the error) if the pipeline raises, FINISHED otherwise;
+        variant runs still open then are ended with it."""
+        experiment = store.experiment_id(pipeline)
+        tags = {Tag.PIPELINE: pipeline} | ({Tag.MODEL_PATH: str(model_path)} if model_path else {})
+        with store.run(experiment, pipeline, tags) as run_id:
+            run = cls(store, experiment, run_id)
+            try:
+                yield run
+            except BaseException as error:
+                run._end_variants(
+                    "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED",
+                    f"the pipeline stopped: {describe_error(error)}",
+                )
+                raise
+            run._end_variants("FINISHED")
+
+    def _end_variants(self, status: str, error: str | None = None) -> None:
+        from mlflow.exceptions import MlflowException
+
+        for run_id in self._variant_runs.values():
+            with contextlib.suppress(MlflowException):
+                if self.store.client.get_run(run_id).info.status == "RUNNING":
+                    self.store.end(run_id, status, error)
+
+    # -- the parent run --------------------------------------------------------------------------
+
+    def setup(self, resolved_spec: dict[str, Any], spec_file: Path, sha256: str, versions: Mapping[str, str]) -> None:
+        import yaml
+
+        self.store.log_params(self.run_id, flatten(resolved_spec, "spec."))
+        self.store.log_text(self.run_id, yaml.safe_dump(resolved_spec, sort_keys=False), "spec/resolved.yaml")
+        self.store.log_artifact(self.run_id, spec_file, "spec")
+        self.store.set_tags(
+            self.run_id,
+            {
+                Tag.SOURCE_SHA256: sha256,
+                Tag.VERSION: versions["int8flow"],
+                Tag.ONNX_VERSION: versions["onnx"],
+                Tag.ORT_VERSION: versions["onnxruntime"],
+            },
+        )
+
+    def hardware(self, hardware: Any, preset: Any, detected: str, warnings: tuple[str, ...]) -> None:
+        tags = {
+            Tag.CPU: hardware.cpu_model,
+            Tag.MACHINE: hardware.machine,
+            Tag.LOGICAL_CPUS: hardware.logical_cpus,
+            Tag.EXECUTION_PROVIDERS: ",".join(hardware.execution_providers),
+            Tag.TARGET_PRESET: preset.name,
+            Tag.TARGET_REASON: preset.why,
+            Tag.DETECTED_PRESET: detected,
+        } | {f"{Tag.CPU_FLAG}{flag}": str(present).lower() for flag, present in hardware.flags.items()}
+        if warnings:
+            tags[Tag.RUN_WARNINGS] = " | ".join(warnings)
+        self.store.set_tags(self.run_id, tags)
+
+    def exported(self, path: Path, parity_max_abs_diff: float | None, seconds: float) -> None:
+        self.store.log_metrics(
+            self.run_id, {"export.parity_max_abs_diff": parity_max_abs_diff, "export.seconds": seconds}
+        )
+        self.store.log_artifact(self.run_id, path, "exported")
+
+    def repairs(self, repairs: list[str]) -> None:
+        self.store.set_tags(self.run_id, {Tag.REPAIRS: " | ".join(repairs) or "none"})
+
+    def fusion(self, fused_ops: Mapping[str, int]) -> None:
+        self.store.log_metrics(self.run_id, {f"fusion.{op}": count for op, count in fused_ops.items()})
+
+    def calibration(self, fingerprint: str, seconds: Mapping[str, float]) -> None:
+        self.store.set_tags(self.run_id, {Tag.CALIBRATION_FINGERPRINT: fingerprint})
+        self.store.log_metrics(
+            self.run_id, {f"calibration.{key.replace('@', '.')}.seconds": value for key, value in seconds.items()}
+        )
+
+    def fp32(
+        self, scores: Mapping[str, float], size_bytes: int, fingerprint: str, latency: Mapping[str, float]
+    ) -> None:
+        metrics = {f"fp32.{name}": value for name, value in scores.items()} | {"fp32.size_mb": size_bytes / 1e6}
+        self.store.log_metrics(self.run_id, metrics | dict(latency))
+        self.store.set_tags(self.run_id, {Tag.EVAL_FINGERPRINT: fingerprint})
+
+    def summary(
+        self,
+        table: Path,
+        plot: Path,
+        counts: Mapping[str, int],
+        selected: str | None,
+        summary: str,
+        version: str | None,
+    ) -> None:
+        self.store.log_artifact(self.run_id, table, "summary")
+        self.store.log_artifact(self.run_id, plot, "summary")
+        self.store.log_metrics(self.run_id, {f"variants_{key}": value for key, value in counts.items()})
+        tags = {Tag.SELECTED: selected or "none", Tag.SUMMARY: summary}
+        if version:
+            tags[Tag.REGISTERED_VERSION] = version
+        self.store.set_tags(self.run_id, tags)
+
+    # -- variant runs ----------------------------------------------------------------------------
+
+    def variant_run(self, name: str) -> str:
+        return self._variant_runs[name]
+
+    def has_variant(self, name: str) -> bool:
+        return name in self._variant_runs
+
+    def open_variant(self, name: str, kind: str, params: dict[str, Any], fallback_of: str | None) -> str:
+        """The variant's nested run (under the variant a fallback step came from), created once."""
+        if name not in self._variant_runs:
+            parent = self._variant_runs.get(fallback_of, self.run_id) if fallback_of else self.run_id
+            run_id = self.store.create_run(self.experiment_id, name, {Tag.KIND: kind}, parent_id=parent)
+            self.store.log_params(run_id, flatten(params))
+            self._variant_runs[name] = run_id
+        return self._variant_runs[name]
+
+    def variant_failed(self, name: str, error: str) -> None:
+        self.store.end(self._variant_runs[name], "FAILED", error)
+
+    def variant_made(
+        self, name: str, metrics: Mapping[str, float | None], tags: Mapping[str, str], model: Path
+    ) -> None:
+        run_id = self._variant_runs[name]
+        self.store.log_metrics(run_id, metrics)
+        if tags:
+            self.store.set_tags(run_id, tags)
+        self.store.log_artifact(run_id, model, "quantized")
+
+    def variant_timed(self, name: str, metrics: Mapping[str, float]) -> None:
+        self.store.log_metrics(self._variant_runs[name], metrics)
+
+    def fallback(self, name: str, ranking_csv: str, stopped: str, steps: int, best: str | None) -> None:
+        run_id = self._variant_runs[name]
+        self.store.log_text(run_id, ranking_csv, "fallback/node_errors.csv")
+        self.store.set_tags(run_id, {Tag.FALLBACK: f"{steps} step(s); {stopped}", Tag.FALLBACK_BEST: best or "none"})
+
+    def qat(
+        self,
+        name: str,
+        losses: list[tuple[int, float]],
+        metrics: Mapping[str, float | None],
+        stopped: str,
+        layers: list[str],
+        checkpoint: Path,
+    ) -> None:
+        run_id = self._variant_runs[name]
+        self.store.log_history(run_id, "qat.loss", losses)
+        self.store.log_metrics(run_id, metrics)
+        self.store.set_tags(run_id, {Tag.QAT_STOPPED: stopped})
+        self.store.log_text(run_id, "\n".join(layers) + "\n", "qat/quantized_layers.txt")
+        self.store.log_artifact(run_id, checkpoint, "qat")
+
+    def verdict(
+        self, name: str, kind: str, selected: bool, eligible: bool, verdict: str, speedup: float | None
+    ) -> None:
+        run_id = self._variant_runs[name]
+        self.store.set_tags(
+            run_id,
+            {
+                Tag.KIND: kind,
+                Tag.SELECTED: str(selected).lower(),
+                Tag.ELIGIBLE: str(eligible).lower(),
+                Tag.VERDICT: verdict,
+            },
+        )
+        if speedup is not None or eligible:
+            self.store.log_metrics(run_id, {"speedup": speedup or 0.0})
+
+    def close_variant(self, name: str) -> None:
+        self.store.end_if_running(self._variant_runs[name])
+
+    def alias_decision(self, name: str, version: str, reason: str) -> None:
+        self.store.set_tags(self._variant_runs[name], {Tag.REGISTERED_VERSION: version, Tag.ALIAS_DECISION: reason})
+
+
+def describe_error(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".strip()
+
+
+class NullPipelineRun(PipelineRun):
+    """A pipeline run that logs nothing: what the bare pipeline (no MLflow, no Prefect) passes around."""
+
+    def __init__(self) -> None:
+        self.run_id = "bare"
+        self._variant_runs = {}
+
+    def __getattribute__(self, name: str) -> Any:
+        attribute = object.__getattribute__(self, name)
+        if not name.startswith("_") and callable(attribute):
+            return lambda *args, **kwargs: None
+        return attribute
+
+
+# -- the watcher's claims -------------------------------------------------------------------------------
+
+CLAIMS_EXPERIMENT = "int8flow-watch"
+
+
+class Claims:
+    """One MLflow run per (pipeline, model sha256) in the experiment `int8flow-watch`: the claim that a
+    watcher started that model, and the audit log of how it ended. Deleted claim runs do not count."""
+
+    def __init__(self, store: MlflowStore):
+        self.store = store
+        self.experiment_id = store.experiment_id(CLAIMS_EXPERIMENT)
+
+    def find(self, pipeline: str, sha256: str) -> str | None:
+        from mlflow.entities import ViewType
+
+        # Pipeline names are validated at spec load and sha256 is hex: no quote can break the filter.
+        query = f"tags.`{Tag.CLAIM}sha256` = '{sha256}' AND tags.`{Tag.CLAIM}pipeline` = '{pipeline}'"
+        found = self.store.client.search_runs(
+            [self.experiment_id], query, run_view_type=ViewType.ACTIVE_ONLY, max_results=1
+        )
+        return str(found[0].info.run_id) if found else None
+
+    def create(self, pipeline: str, sha256: str, source: str, model_path: str, watcher_flow_run: str | None) -> str:
+        tags = {
+            f"{Tag.CLAIM}sha256": sha256,
+            f"{Tag.CLAIM}source": source,
+            f"{Tag.CLAIM}pipeline": pipeline,
+            f"{Tag.CLAIM}model_path": model_path,
+            f"{Tag.CLAIM}status": "running",
+        }
+        if watcher_flow_run is not None:
+            tags[f"{Tag.CLAIM}watcher_flow_run_id"] = watcher_flow_run
+        return self.store.create_run(self.experiment_id, f"{pipeline}@{sha256[:12]}", tags)
+
+    def finished(self, claim_id: str, result: Mapping[str, Any]) -> None:
+        self.store.set_tags(
+            claim_id, {f"{Tag.CLAIM}{key}": value for key, value in result.items() if value is not None}
+        )
+        self.store.end(claim_id, "FINISHED")
+
+    def failed(self, claim_id: str, message: str, details: str) -> None:
+        self.store.set_tags(claim_id, {f"{Tag.CLAIM}status": "failed"})
+        self.store.end(claim_id, "FAILED", message, details)
+
+    def interrupted(self, claim_id: str) -> None:
+        self.store.set_tags(claim_id, {f"{Tag.CLAIM}status": "interrupted"})
+        self.store.end(claim_id, "KILLED", "interrupted")

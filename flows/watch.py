@@ -37,19 +37,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.entities import ViewType
 from prefect import flow
 
-from flows.locks import ensure_lock, exclusive
-from flows.pipeline import _task, quantization_pipeline, say
-from flows.specfile import load_spec
-from flows.tracking import TAG_PREFIX, Tracker
-from tasks.discover import NotReady, candidate_files, fingerprint, onnx_file_in, parse_tag, version_filter
+from int8flow.flows.console import fail, say
+from int8flow.flows.locks import ensure_lock, exclusive
+from int8flow.flows.pipeline import quantization_pipeline
+from int8flow.flows.runner import PrefectRunner
+from int8flow.flows.specfile import load_spec
+from int8flow.flows.tracking import CLAIMS_EXPERIMENT, Claims, MlflowStore
+from int8flow.tasks.discover import NotReady, candidate_files, fingerprint, onnx_file_in, parse_tag, version_filter
 
-CLAIMS_EXPERIMENT = "int8flow-watch"
+__all__ = ["CLAIMS_EXPERIMENT", "Found", "claim", "ensure_claim_lock", "watch_models"]
 CLAIM_LOCK = "int8flow-watch-claims"
-CLAIM = f"{TAG_PREFIX}claim."
 # The lock is held for one search and one insert. A holder that died frees its slot when its lease
 # ends (60 s, Prefect's minimum) if a Prefect server expires leases; waiting far longer means the
 # slot leaked (see flows.locks.LockTimeout).
@@ -92,7 +91,7 @@ def watch_models(
     spec_path = Path(spec_file).resolve()
     pipeline = load_spec(spec_path).name  # a bad spec stops here, before anything is claimed
     tag = parse_tag(registry_tag) if registry_tag is not None else None
-    tracker = Tracker()
+    store = MlflowStore()
     report: dict[str, Any] = {"pipeline": pipeline}
     report |= {key: [] for key in ("new", "skipped", "waiting", "unusable", "triggered")}
 
@@ -101,16 +100,19 @@ def watch_models(
         found += _scan_folder(Path(folder).resolve(), report)
     if registry_model is not None or tag is not None:
         cache = Path(cache_dir) if cache_dir else Path.cwd() / ".int8flow" / "watch-cache"
-        found += _scan_registry(tracker, version_filter(registry_model, tag), cache.resolve(), report)
-    say("watch", f"{pipeline}: {len(found)} complete model(s) found, {len(report['waiting'])} not ready, "
-        f"{len(report['unusable'])} unusable")
+        found += _scan_registry(store, version_filter(registry_model, tag), cache.resolve(), report)
+    say(
+        "watch",
+        f"{pipeline}: {len(found)} complete model(s) found, {len(report['waiting'])} not ready, "
+        f"{len(report['unusable'])} unusable",
+    )
 
-    experiment = tracker.experiment_id(CLAIMS_EXPERIMENT)
+    claims = Claims(store)
     ensure_claim_lock()
     # Claimed one at a time, each just before it runs: an overlapping watcher takes the next model
     # instead of waiting for this one, and a watcher that dies holds at most one claim it never ran.
     for model in found:
-        claim_id, created = claim(tracker, experiment, pipeline, model)
+        claim_id, created = claim(claims, pipeline, model)
         entry = {"source": model.source, "sha256": model.sha256, "claim_run_id": claim_id}
         if not created:
             say("watch", f"skip {model.source}: sha256 {model.sha256[:12]} already claimed (run {claim_id})")
@@ -118,7 +120,7 @@ def watch_models(
             continue
         say("watch", f"new {model.source}: sha256 {model.sha256[:12]}, claim run {claim_id}")
         report["new"].append(entry)
-        report["triggered"].append(entry | _start(tracker, claim_id, spec_path, model, deployment))
+        report["triggered"].append(entry | _start(claims, claim_id, spec_path, model, deployment))
     return report
 
 
@@ -136,14 +138,8 @@ def _scan_folder(folder: Path, report: dict[str, Any]) -> list[Found]:
     return found
 
 
-def _scan_registry(tracker: Tracker, filter_string: str, cache: Path, report: dict[str, Any]) -> list[Found]:
-    versions, token = [], None
-    while True:
-        page = tracker.client.search_model_versions(filter_string, page_token=token)
-        versions += list(page)
-        token = page.token
-        if not token:
-            break
+def _scan_registry(store: MlflowStore, filter_string: str, cache: Path, report: dict[str, Any]) -> list[Found]:
+    versions = store.search_versions(filter_string)
     found = []
     for version in sorted(versions, key=lambda v: (v.name, int(v.version))):
         uri = f"models:/{version.name}/{version.version}"
@@ -151,20 +147,25 @@ def _scan_registry(tracker: Tracker, filter_string: str, cache: Path, report: di
             report["waiting"].append({"source": uri, "reason": f"registration {version.status}"})
             continue
         try:
-            model_dir = download_task.with_options(task_run_name=f"download[{version.name}/{version.version}]")(
-                uri, cache / _folder_name(version.name) / str(version.version), tracker.tracking_uri
+            model_dir = PrefectRunner().call(
+                "download-version",
+                _download,
+                store,
+                uri,
+                cache / _folder_name(version.name) / str(version.version),
+                label=f"{version.name}/{version.version}",
             )
             onnx_path = onnx_file_in(model_dir)
             # A downloaded version is complete by construction: no need to wait for it to settle.
             sha256 = fingerprint(onnx_path, quiet_seconds=0).sha256
-        except Exception as error:  # one unusable version (not ONNX, artifacts gone) spares the rest
+        except Exception as error:  # noqa: BLE001 - one unusable version (not ONNX, artifacts gone) spares the rest
             report["unusable"].append({"source": uri, "reason": f"{type(error).__name__}: {error}"})
             continue
         found.append(Found(uri, str(onnx_path), sha256))
     return found
 
 
-def _download(uri: str, target: Path, tracking_uri: str) -> Path:
+def _download(store: MlflowStore, uri: str, target: Path) -> Path:
     """A registry version in the cache: versions never change, so a cached one is reused as is."""
     if target.is_dir():
         return target
@@ -173,7 +174,7 @@ def _download(uri: str, target: Path, tracking_uri: str) -> Path:
     # and of two watchers downloading the same version at once, the second one's copy is dropped.
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging), tracking_uri=tracking_uri)
+        store.download(uri, staging)
         with contextlib.suppress(OSError):
             os.rename(staging, target)
     finally:
@@ -181,39 +182,23 @@ def _download(uri: str, target: Path, tracking_uri: str) -> Path:
     return target
 
 
-download_task = _task(_download, "download-version", retries=2, retry_delay_seconds=5)
-
-
 def ensure_claim_lock() -> None:
     """The Prefect global concurrency limit (1 slot) that makes `claim` atomic, created if missing."""
     ensure_lock(CLAIM_LOCK)
 
 
-def claim(tracker: Tracker, experiment: str, pipeline: str, model: Found) -> tuple[str, bool]:
+def claim(claims: Claims, pipeline: str, model: Found) -> tuple[str, bool]:
     """(claim run id, True) if this call claimed the model for `pipeline`, (the existing claim's run id,
     False) if it was claimed before. Call `ensure_claim_lock()` once first."""
-    query = f"tags.`{CLAIM}sha256` = '{model.sha256}' AND tags.`{CLAIM}pipeline` = '{pipeline}'"
     with exclusive(CLAIM_LOCK, timeout_seconds=LOCK_TIMEOUT_SECONDS, lease_seconds=LOCK_LEASE_SECONDS):
         # Deleted claims are not searched: deleting a claim run is how a model is released for a rerun.
-        existing = tracker.client.search_runs([experiment], query, run_view_type=ViewType.ACTIVE_ONLY, max_results=1)
-        if existing:
-            return existing[0].info.run_id, False
-        tags = {
-            f"{CLAIM}sha256": model.sha256,
-            f"{CLAIM}source": model.source,
-            f"{CLAIM}pipeline": pipeline,
-            f"{CLAIM}model_path": model.path,
-            f"{CLAIM}status": "running",
-        }
-        if (watcher := _current_flow_run_id()) is not None:
-            tags[f"{CLAIM}watcher_flow_run_id"] = watcher
-        run = tracker.client.create_run(experiment, run_name=f"{pipeline}@{model.sha256[:12]}", tags=tags)
-        return run.info.run_id, True
+        existing = claims.find(pipeline, model.sha256)
+        if existing is not None:
+            return existing, False
+        return claims.create(pipeline, model.sha256, model.source, model.path, _current_flow_run_id()), True
 
 
-def _start(
-    tracker: Tracker, claim_id: str, spec_path: Path, model: Found, deployment: str | None
-) -> dict[str, Any]:
+def _start(claims: Claims, claim_id: str, spec_path: Path, model: Found, deployment: str | None) -> dict[str, Any]:
     """Run (or trigger) the pipeline for a claimed model and close the claim with the outcome.
 
     Any error is the claim's, never the watcher's: the other models are still handled.
@@ -225,7 +210,7 @@ def _start(
 
             # Keyed by the claim, not the content: a retried request makes no second flow run, and a
             # model released by deleting its claim can still be run again.
-            flow_run = run_deployment(
+            flow_run: Any = run_deployment(
                 name=deployment, parameters=parameters, timeout=0, idempotency_key=claim_id, tags=["int8flow-watch"]
             )
             result = {"status": "scheduled", "flow_run_id": str(flow_run.id)}
@@ -239,18 +224,15 @@ def _start(
                 "summary": outcome["summary"],
                 "registered_version": outcome["registered_version"],
             }
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - the claim's failure, never the watcher's
         message = f"{type(error).__name__}: {error}"
-        say("watch", f"[red]{model.source} failed[/]: {message}")
-        tracker.set_tags(claim_id, {f"{CLAIM}status": "failed"})
-        tracker.end(claim_id, "FAILED", message, traceback.format_exc())
+        fail("watch", f"{model.source} failed: {message}")
+        claims.failed(claim_id, message, traceback.format_exc())
         return {"status": "failed", "error": message}
     except BaseException:
-        tracker.set_tags(claim_id, {f"{CLAIM}status": "interrupted"})
-        tracker.end(claim_id, "KILLED", "interrupted")
+        claims.interrupted(claim_id)
         raise
-    tracker.set_tags(claim_id, {f"{CLAIM}{key}": value for key, value in result.items() if value is not None})
-    tracker.end(claim_id, "FINISHED")
+    claims.finished(claim_id, result)
     return result
 
 

@@ -8,6 +8,9 @@
 #   bash infra/servers.sh drop     # stop, then drop both databases and the state folder (tests use it)
 # Settings (env): PGHOST=127.0.0.1 PGPORT=5432 PGUSER=postgres INT8FLOW_INFRA_DIR=.int8flow-infra
 #                 MLFLOW_PORT=5000 PREFECT_PORT=4200 MLFLOW_DB=int8flow_mlflow PREFECT_DB=int8flow_prefect
+#                 INT8FLOW_START_SECONDS=300 (how long `start` waits for each server to answer)
+# Each server runs in its own session (setsid): `stop` ends the whole process group (uvicorn workers,
+# MLflow's job runner) and says "stopped" only once none of its processes is left.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-5432}" PGUSER="${PGUSER:-postgres}"
@@ -15,6 +18,7 @@ STATE="${INT8FLOW_INFRA_DIR:-$PWD/.int8flow-infra}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}" PREFECT_PORT="${PREFECT_PORT:-4200}"
 BIN="${INT8FLOW_BIN:-$PWD/.venv/bin}"
 MLFLOW_DB="${MLFLOW_DB:-int8flow_mlflow}" PREFECT_DB="${PREFECT_DB:-int8flow_prefect}"
+START_SECONDS="${INT8FLOW_START_SECONDS:-300}"
 
 env_lines() {
   echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT"
@@ -27,46 +31,67 @@ create_db() {
 }
 
 wait_for() {  # url, name, seconds
-  for _ in $(seq 1 "$3"); do
-    curl -fsS "$1" >/dev/null 2>&1 && { echo "$2 up: $1"; return 0; }
+  local deadline=$((SECONDS + $3))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    curl -fsS --max-time 10 "$1" >/dev/null 2>&1 && { echo "$2 up: $1"; return 0; }
+    if ! group_alive "$2"; then echo "$2 exited while starting; see $STATE/$2.log" >&2; return 1; fi
     sleep 1
   done
   echo "$2 did not come up in $3 s; see $STATE/$2.log" >&2
   return 1
 }
 
+group_alive() {  # name: is any process of the server's group still running?
+  [ -f "$STATE/$1.pid" ] && pgrep -g "$(cat "$STATE/$1.pid")" >/dev/null 2>&1
+}
+
 start() {
   mkdir -p "$STATE/artifacts"
   create_db "$MLFLOW_DB"
   create_db "$PREFECT_DB"
-  if [ ! -f "$STATE/mlflow.pid" ] || ! kill -0 "$(cat "$STATE/mlflow.pid")" 2>/dev/null; then
-    MLFLOW_DISABLE_TELEMETRY=true setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
+  if ! group_alive mlflow; then
+    # One worker: uvicorn's multi-worker supervisor kills any worker that misses a 5 s health ping,
+    # which on a busy 2-core machine made MLflow crash-loop; server-side GenAI jobs are not used.
+    MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$BIN/mlflow" server \
+      --host 127.0.0.1 --port "$MLFLOW_PORT" \
       --backend-store-uri "postgresql+psycopg2://$PGUSER@$PGHOST:$PGPORT/$MLFLOW_DB" \
-      --artifacts-destination "$STATE/artifacts" --serve-artifacts --workers 2 \
+      --artifacts-destination "$STATE/artifacts" --serve-artifacts --workers 1 \
       >"$STATE/mlflow.log" 2>&1 &
     echo $! >"$STATE/mlflow.pid"
   fi
-  if [ ! -f "$STATE/prefect.pid" ] || ! kill -0 "$(cat "$STATE/prefect.pid")" 2>/dev/null; then
+  if ! group_alive prefect; then
+    # The UI asks /ui-settings for its API address, which defaults to port 4200 whatever --port says.
     PREFECT_HOME="$STATE/prefect-home" PREFECT_SERVER_ANALYTICS_ENABLED=false \
       PREFECT_API_DATABASE_CONNECTION_URL="postgresql+asyncpg://$PGUSER@$PGHOST:$PGPORT/$PREFECT_DB" \
+      PREFECT_SERVER_UI_API_URL="http://127.0.0.1:$PREFECT_PORT/api" PREFECT_SERVER_API_PORT="$PREFECT_PORT" \
       setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT" \
       >"$STATE/prefect.log" 2>&1 &
     echo $! >"$STATE/prefect.pid"
   fi
-  wait_for "http://127.0.0.1:$MLFLOW_PORT/health" mlflow 90
-  wait_for "http://127.0.0.1:$PREFECT_PORT/api/health" prefect 120
+  wait_for "http://127.0.0.1:$MLFLOW_PORT/health" mlflow "$START_SECONDS"
+  wait_for "http://127.0.0.1:$PREFECT_PORT/api/health" prefect "$START_SECONDS"
 }
 
 stop() {
+  local status=0
   for name in prefect mlflow; do
-    if [ -f "$STATE/$name.pid" ]; then
-      pid="$(cat "$STATE/$name.pid")"
-      kill -- -"$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true  # setsid: the whole process group
-      for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    [ -f "$STATE/$name.pid" ] || continue
+    pid="$(cat "$STATE/$name.pid")"
+    kill -TERM -- -"$pid" 2>/dev/null || true  # setsid: the whole process group
+    for _ in $(seq 1 60); do group_alive "$name" || break; sleep 0.5; done
+    if group_alive "$name"; then
+      kill -KILL -- -"$pid" 2>/dev/null || true
+      for _ in $(seq 1 20); do group_alive "$name" || break; sleep 0.5; done
+    fi
+    if group_alive "$name"; then
+      echo "$name NOT stopped: still running: $(pgrep -g "$pid" | tr '\n' ' ')" >&2
+      status=1
+    else
       rm -f "$STATE/$name.pid"
-      echo "$name stopped"
+      echo "$name stopped (process group $pid ended)"
     fi
   done
+  return "$status"
 }
 
 drop() {
@@ -79,7 +104,7 @@ drop() {
 
 status() {
   for name in mlflow prefect; do
-    if [ -f "$STATE/$name.pid" ] && kill -0 "$(cat "$STATE/$name.pid")" 2>/dev/null; then echo "$name running (pid $(cat "$STATE/$name.pid"))"; else echo "$name stopped"; fi
+    if group_alive "$name"; then echo "$name running (process group $(cat "$STATE/$name.pid"))"; else echo "$name stopped"; fi
   done
 }
 

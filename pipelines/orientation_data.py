@@ -10,7 +10,7 @@ without downloading a dataset, and two runs give bit-identical arrays.
 """
 
 import random
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +21,7 @@ _MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 _STD = np.array([0.229, 0.224, 0.225], np.float32)
 # Checked against the FP32 model: class k means the page was turned k * 90
 # degrees clockwise. Turning it counter-clockwise swaps classes 1 and 3.
-_CLOCKWISE = (None, Image.Transpose.ROTATE_270, Image.Transpose.ROTATE_180,
-              Image.Transpose.ROTATE_90)
+_CLOCKWISE = (None, Image.Transpose.ROTATE_270, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_90)
 # None is Pillow's built-in scalable font, which is always there. DejaVu only
 # adds variety and falls back to it. The rng draws are the same either way.
 _FACES = (None, None, "DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansCondensed.ttf")
@@ -43,14 +42,14 @@ contract payment customer office meeting letter notice page chapter review
 budget project schedule income balance invoice statement""".split()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _font(face, size):
     if face is not None and (_FONT_DIR / face).is_file():
         return ImageFont.truetype(str(_FONT_DIR / face), size)
     return ImageFont.load_default(size=size)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _width(font, text):
     # Word wrapping measures the same few hundred words over and over.
     return font.getlength(text)
@@ -123,7 +122,7 @@ def _preprocess(img):
     a = np.asarray(img, np.float32)
     h, w = a.shape
     scale = 256 / min(w, h)
-    out_h, out_w = int(round(h * scale)), int(round(w * scale))
+    out_h, out_w = round(h * scale), round(w * scale)
     rows, row_w = _lanczos4_taps(h, out_h, (out_h - 224) // 2)
     cols, col_w = _lanczos4_taps(w, out_w, (out_w - 224) // 2)
     a = np.einsum("ok,okw->ow", row_w, a[rows])
@@ -146,8 +145,9 @@ def make_pages(count, seed, batch_size=16):
         if k:
             page = page.transpose(_CLOCKWISE[k])
         images.append(_preprocess(page))
-    return [({"x": np.stack(images[i:i + batch_size])}, labels[i:i + batch_size])
-            for i in range(0, count, batch_size)]
+    return [
+        ({"x": np.stack(images[i : i + batch_size])}, labels[i : i + batch_size]) for i in range(0, count, batch_size)
+    ]
 
 
 def evaluation_pages():

@@ -11,7 +11,7 @@ clips that gives exactly the probabilities of the package's frame-by-frame OnnxW
 (silero_vad.onnx), and its TorchScript model's to within 2e-4.
 """
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ STATE_SHAPE = (1, 1, 128)
 THRESHOLD = 0.5  # silero-vad's default speech threshold
 
 
-@lru_cache(maxsize=None)
+@cache
 def _split(name: str) -> tuple[np.ndarray, np.ndarray]:
     with np.load(SPEECH_FILE, allow_pickle=False) as archive:
         return archive[f"{name}_audio"], archive[f"{name}_labels"]
@@ -44,11 +44,10 @@ def _clips(name: str) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
     return [
         (
             # "input" first: the pipeline takes the batch size (here, frames) from the first input.
-            {"input": model_rows(clip), "h": np.zeros(STATE_SHAPE, np.float32),
-             "c": np.zeros(STATE_SHAPE, np.float32)},
+            {"input": model_rows(clip), "h": np.zeros(STATE_SHAPE, np.float32), "c": np.zeros(STATE_SHAPE, np.float32)},
             clip_labels.astype(np.int64),
         )
-        for clip, clip_labels in zip(audio, labels)
+        for clip, clip_labels in zip(audio, labels, strict=True)
     ]
 
 

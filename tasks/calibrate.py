@@ -10,14 +10,31 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
 from onnxruntime.quantization.calibrate import save_tensors_data
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+from pydantic import Field
 
-from flows.spec import Calibration
-from tasks.data import Dataset
-from tasks.model import private_link
+from int8flow.tasks.data import Dataset, DataSource
+from int8flow.tasks.model import Graph, private_link
+from int8flow.tasks.options import MAX_COUNT, StrictModel
+
+CalibrationMethodName = Literal["minmax", "entropy", "percentile", "distribution"]
+
+
+class Calibration(StrictModel):
+    data: DataSource = Field(description="Representative inputs for static quantization ranges.")
+    method: CalibrationMethodName = Field(
+        default="minmax", description="Default range method for static variants that don't set one."
+    )
+    samples: int = Field(default=128, ge=1, le=MAX_COUNT, description="At most this many calibration samples.")
+    percentile: float = Field(default=99.999, gt=50, le=100, description="Percentile kept by the `percentile` method.")
+    symmetric: bool = Field(
+        default=False, description="Make activation ranges symmetric around zero while calibrating."
+    )
+
 
 ORT_METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -42,9 +59,15 @@ class CalibrationError(RuntimeError):
     pass
 
 
-def calibration_key(variant) -> str:
+@dataclass(frozen=True, order=True)
+class CalibrationKey:
     """Ranges are per method and per graph: the fused graph has other tensor names."""
-    return f"{variant.calibration_method}@fused" if variant.fused else str(variant.calibration_method)
+
+    method: CalibrationMethodName
+    graph: Graph
+
+    def __str__(self) -> str:
+        return self.method if self.graph is Graph.PREPROCESSED else f"{self.method}@{self.graph}"
 
 
 class DatasetReader(CalibrationDataReader):
@@ -60,9 +83,7 @@ class DatasetReader(CalibrationDataReader):
             self._feeds = iter([batch.inputs for batch in dataset.batches])
         else:
             self._feeds = (
-                batch.take(slice(index, index + 1))
-                for batch in dataset.batches
-                for index in range(batch.size)
+                batch.take(slice(index, index + 1)) for batch in dataset.batches for index in range(batch.size)
             )
 
     def get_next(self):
@@ -72,7 +93,7 @@ class DatasetReader(CalibrationDataReader):
 def calibrate(model: Path, dataset: Dataset, method: str, options: Calibration, out: Path) -> CalibrationRanges:
     """Compute activation ranges of `model` on `dataset` with `method` and save them to `out`."""
     started = time.perf_counter()
-    extra_options = {"symmetric": options.symmetric}
+    extra_options: dict[str, float | bool] = {"symmetric": options.symmetric}
     if method == "percentile":
         extra_options["percentile"] = options.percentile
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,27 +22,61 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from tasks.evaluate import feed_for
+from int8flow.tasks.evaluate import feed_for
 
 OpClass = Literal["integer", "float_compute", "qdq", "other"]
 CLASSES: tuple[OpClass, ...] = ("integer", "float_compute", "qdq", "other")
 _LABELS: dict[OpClass, str] = {
-    "integer": "integer", "float_compute": "float compute", "qdq": "Q/DQ", "other": "other",
+    "integer": "integer",
+    "float_compute": "float compute",
+    "qdq": "Q/DQ",
+    "other": "other",
 }
 
 # Op types only: ORT's profile names a node by its op type without the domain, so NCHWc's Conv
 # (domain com.microsoft.nchwc) is "Conv" in both the graph and the trace.
 INTEGER_OPS = {
-    "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul",
-    "MatMulIntegerToFloat", "QGemm", "QAttention", "QLinearAdd", "QLinearMul", "QLinearConcat",
-    "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearLeakyRelu", "QLinearSigmoid",
-    "QLinearSoftmax", "QLinearWhere", "MatMulNBits", "GatherBlockQuantized", "QEmbedLayerNormalization",
-    "DynamicQuantizeLSTM", "QLinearReduceMean",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "QGemm",
+    "QAttention",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearConcat",
+    "QLinearAveragePool",
+    "QLinearGlobalAveragePool",
+    "QLinearLeakyRelu",
+    "QLinearSigmoid",
+    "QLinearSoftmax",
+    "QLinearWhere",
+    "MatMulNBits",
+    "GatherBlockQuantized",
+    "QEmbedLayerNormalization",
+    "DynamicQuantizeLSTM",
+    "QLinearReduceMean",
     "NhwcMaxPool",  # ORT's CPU kernel is int8/uint8 only
 }
 FLOAT_COMPUTE_OPS = {
-    "Conv", "FusedConv", "NhwcConv", "NhwcFusedConv", "ConvTranspose", "MatMul", "FusedMatMul", "Gemm",
-    "FusedGemm", "Einsum", "LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention", "GroupQueryAttention",
+    "Conv",
+    "FusedConv",
+    "NhwcConv",
+    "NhwcFusedConv",
+    "ConvTranspose",
+    "MatMul",
+    "FusedMatMul",
+    "Gemm",
+    "FusedGemm",
+    "Einsum",
+    "LSTM",
+    "GRU",
+    "RNN",
+    "Attention",
+    "MultiHeadAttention",
+    "GroupQueryAttention",
 }
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
@@ -113,7 +147,7 @@ def op_coverage(model: Path, feed: dict[str, np.ndarray], threads: int = 1, runs
         counts[op_class(node.op_type)][node.op_type] += 1
     by_class: Counter[str] = Counter()
     for op_type, microseconds in durations.items():
-        by_class[op_class(op_type)] += microseconds
+        by_class[op_class(op_type)] += int(microseconds)
     total_us = sum(durations.values())
     return OpCoverage(
         counts={name: dict(sorted(counter.items())) for name, counter in counts.items()},
@@ -170,9 +204,7 @@ def _optimized_graph(model: Path, threads: int, scratch: Path) -> onnx.GraphProt
     path = scratch / "optimized.onnx"
     options.optimized_model_filepath = str(path)
     # Weights go to a side file: a single protobuf cannot exceed 2 GB, and only the nodes are read.
-    options.add_session_config_entry(
-        "session.optimized_model_external_initializers_file_name", "optimized.onnx.data"
-    )
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:
         ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
@@ -200,9 +232,9 @@ def _node_durations(
     first_timed = run_starts[_WARMUP_RUNS]
     durations: Counter[str] = Counter()
     for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= first_timed:
-            if event["args"]["op_name"] not in _CONTROL_FLOW_OPS:
-                durations[event["args"]["op_name"]] += event["dur"]
+        is_kernel = event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
+        if is_kernel and event["ts"] >= first_timed and event["args"]["op_name"] not in _CONTROL_FLOW_OPS:
+            durations[event["args"]["op_name"]] += event["dur"]
     return dict(durations)
 
 

@@ -12,10 +12,54 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from flows.spec import DataSource, resolve_callable
+from int8flow.tasks.options import CALLABLE_PATTERN, MAX_COUNT, WithUserCode, check_callable, resolve_path
+from int8flow.tasks.usercode import UserCodeError, call_user
 
 LABELS_KEY = "labels"
+
+
+class DataSource(WithUserCode):
+    """Inputs (and optional labels), from exactly one of `path`, `callable` or `texts`."""
+
+    path: Path | None = Field(
+        default=None,
+        description="An `.npz` file (arrays keyed by model input name, optional `labels`; first axis = "
+        "samples) or a folder of `.npz`/`.npy` files (a `.npy` feeds a single-input model).",
+    )
+    callable: str | None = Field(
+        default=None,
+        pattern=CALLABLE_PATTERN,
+        description="`module:function` returning an iterable of input dicts, or of (input dict, labels) "
+        "pairs; each dict maps input names to arrays with a batch axis. The spec's folder is importable.",
+    )
+    texts: Path | None = Field(
+        default=None,
+        description="A `.txt` file, one text per line, tokenized with the `huggingface` model's tokenizer.",
+    )
+    batch_size: int = Field(default=16, ge=1, le=4096, description="Samples per inference call.")
+    limit: int | None = Field(default=None, ge=1, le=MAX_COUNT, description="Use at most this many samples.")
+
+    @field_validator("path", "texts")
+    @classmethod
+    def _path_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else resolve_path(value, info)
+
+    @field_validator("callable")
+    @classmethod
+    def _findable(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else check_callable(value, info)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DataSource:
+        if sum(value is not None for value in (self.path, self.callable, self.texts)) != 1:
+            raise ValueError("give exactly one of `path`, `callable` or `texts`")
+        return self
+
+    @property
+    def origin(self) -> str:
+        return str(self.path or self.texts or self.callable)
 
 
 class DataError(ValueError):
@@ -63,7 +107,6 @@ def load_dataset(
     input_dtypes: dict[str, np.dtype],
     *,
     max_samples: int | None = None,
-    base_dir: Path | None = None,
     tokenize: Tokenizer | None = None,
     ignore_extra_inputs: bool = False,
 ) -> Dataset:
@@ -74,20 +117,26 @@ def load_dataset(
     e.g. `token_type_ids`), instead of calling that an error.
     """
     try:
-        return _load(source, input_dtypes, max_samples, base_dir, tokenize, ignore_extra_inputs)
-    except DataError as error:
-        origin = source.path or source.texts or source.callable
-        raise DataError(f"{origin}: {error}") from error
+        return _load(source, input_dtypes, max_samples, tokenize, ignore_extra_inputs)
+    except (DataError, UserCodeError) as error:
+        raise DataError(f"{source.origin}: {error}") from error
 
 
-def _load(source, input_dtypes, max_samples, base_dir, tokenize, ignore_extra_inputs) -> Dataset:
+def _load(
+    source: DataSource,
+    input_dtypes: dict[str, np.dtype],
+    max_samples: int | None,
+    tokenize: Tokenizer | None,
+    ignore_extra_inputs: bool,
+) -> Dataset:
     limit = min(filter(None, (source.limit, max_samples)), default=None)
+    raw: Iterable[Batch]
     if source.texts is not None:
         if tokenize is None:
             raise DataError("texts need a tokenizer (a huggingface model source)")
         raw = _from_texts(source.texts, tokenize, source.batch_size, limit)
     elif source.callable is not None:
-        raw = _from_callable(source.callable, base_dir)
+        raw = _from_callable(source, source.callable)
     elif source.path is not None and source.path.is_dir():
         raw = _from_folder(source.path, list(input_dtypes), source.batch_size)
     elif source.path is not None:
@@ -161,14 +210,11 @@ def _from_folder(folder: Path, input_names: list[str], batch_size: int) -> list[
     return batches
 
 
-def _from_callable(reference: str, base_dir: Path | None) -> Iterable[Batch]:
-    try:
-        items = resolve_callable(reference, base_dir)()
-    except ValueError:
-        raise
-    except Exception as error:
-        raise DataError(f"{reference} raised {type(error).__name__}: {error}") from error
-    for item in items:
+def _from_callable(source: DataSource, reference: str) -> Iterable[Batch]:
+    items = call_user(reference, iter, call_user(reference, source.load(reference)))
+    end = object()
+    # pulled one at a time, so `limit` stops a long (or endless) generator early
+    while (item := call_user(reference, next, items, end)) is not end:
         if isinstance(item, tuple) and len(item) == 2:
             inputs, labels = item
             yield Batch(inputs=dict(inputs), labels=None if labels is None else np.asarray(labels))

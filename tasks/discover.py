@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.model import file_sha256, model_files
+from int8flow.tasks.model import file_sha256, model_files
 
 # A writer that pauses longer than this mid-file is taken for finished: copying with a temporary
 # (hidden) name and renaming at the end is the only safe way, this is the backstop for plain copies.
@@ -36,9 +36,7 @@ def candidate_files(folder: Path) -> list[Path]:
     when done, so a hidden file is by convention unfinished. Subfolders are not searched: a model's
     external data and other tools' scratch copies live in them.
     """
-    return sorted(
-        path for path in folder.glob("*.onnx") if not path.name.startswith(".") and path.is_file()
-    )
+    return sorted(path for path in folder.glob("*.onnx") if not path.name.startswith(".") and path.is_file())
 
 
 def settled(modified: Iterable[float], now: float, quiet_seconds: float = SETTLE_SECONDS) -> bool:

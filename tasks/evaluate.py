@@ -9,9 +9,83 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from flows.spec import Metric, resolve_callable
-from tasks.data import Dataset
+from int8flow.tasks.data import Dataset, DataSource
+from int8flow.tasks.options import CALLABLE_PATTERN, StrictModel, WithUserCode, check_callable
+from int8flow.tasks.usercode import call_user
+
+BUILTIN_METRICS: dict[str, str] = {
+    "top1": "top-1 accuracy of argmax(output) against the labels (needs labels)",
+    "cosine": "mean cosine similarity of each sample's output vs the FP32 model's",
+    "mae": "mean absolute error vs the FP32 model's output",
+    "mre": "relative error vs FP32: sum |output - fp32| / sum |fp32|",
+    "nn_agreement": "share of samples whose nearest other sample (cosine of outputs) is the same as "
+    "under FP32: retrieval agreement for embedding models",
+}
+LOWER_IS_BETTER = {"mae", "mre"}
+
+
+class Metric(WithUserCode):
+    """A built-in metric by name (`top1`, `cosine`, ...) or a user metric `module:function`."""
+
+    name: str = Field(max_length=64, description="Built-in metric name, or the name a user metric is logged under.")
+    function: str | None = Field(
+        default=None,
+        pattern=CALLABLE_PATTERN,
+        description="User metric `module:function(outputs, reference_outputs, labels) -> float`; "
+        "outputs are lists of arrays per batch, labels None when the data has none.",
+    )
+    higher_is_better: bool | None = Field(
+        default=None, description="Direction of a user metric; built-ins know their own."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: object) -> object:
+        return {"name": data} if isinstance(data, str) else data
+
+    @field_validator("function")
+    @classmethod
+    def _findable(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else check_callable(value, info)
+
+    @model_validator(mode="after")
+    def _known(self) -> Metric:
+        if self.function is None and self.name not in BUILTIN_METRICS:
+            raise ValueError(
+                f"unknown metric {self.name!r}: expected one of {', '.join(BUILTIN_METRICS)} "
+                "or a user metric with `function: module:function`"
+            )
+        if self.function is not None and self.name in BUILTIN_METRICS:
+            raise ValueError(f"{self.name!r} is a built-in metric; give the user metric another name")
+        return self
+
+    @property
+    def higher_better(self) -> bool:
+        if self.function is None:
+            return self.name not in LOWER_IS_BETTER
+        return True if self.higher_is_better is None else self.higher_is_better
+
+
+class Evaluation(StrictModel):
+    data: DataSource = Field(description="Evaluation inputs, with labels for `top1`.")
+    metrics: list[Metric] = Field(
+        default_factory=lambda: [Metric.model_validate("cosine")],
+        min_length=1,
+        max_length=32,
+        description="Metrics computed for FP32 and every variant; the first one drives selection "
+        "unless `selection.metric` says otherwise.",
+    )
+    output: str | None = Field(default=None, description="Model output the metrics read; default: the first output.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Evaluation:
+        names = [metric.name for metric in self.metrics]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"metric names must be unique: {', '.join(duplicates)}")
+        return self
 
 
 class EvaluationError(RuntimeError):
@@ -28,7 +102,9 @@ class ModelOutputs:
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class Scores:
+    """One model's metric values on the evaluation data."""
+
     metrics: dict[str, float]
     samples: int
     seconds: float
@@ -46,9 +122,14 @@ def session(model: Path, threads: int) -> ort.InferenceSession:
 
 
 ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
 }
 
 
@@ -87,9 +168,7 @@ def _widened(output: np.ndarray) -> np.ndarray:
     return output.astype(np.float32) if output.dtype == np.float16 else output
 
 
-def evaluate(
-    outputs: ModelOutputs, reference: ModelOutputs, dataset: Dataset, metrics: Sequence[Metric]
-) -> Evaluation:
+def evaluate(outputs: ModelOutputs, reference: ModelOutputs, dataset: Dataset, metrics: Sequence[Metric]) -> Scores:
     """Score `outputs` with each metric; `reference` are the FP32 model's outputs on the same data."""
     started = time.perf_counter()
     scores: dict[str, float] = {}
@@ -109,8 +188,10 @@ def evaluate(
         elif metric.name == "nn_agreement":
             scores["nn_agreement"] = nearest_neighbour_agreement(candidate, baseline)
         elif metric.name == "mre":
-            scores["mre"] = float(np.sum(np.abs(_flat(candidate) - _flat(baseline))) / max(np.sum(np.abs(_flat(baseline))), 1e-12))
-    return Evaluation(metrics=scores, samples=dataset.samples, seconds=time.perf_counter() - started)
+            scores["mre"] = float(
+                np.sum(np.abs(_flat(candidate) - _flat(baseline))) / max(np.sum(np.abs(_flat(baseline))), 1e-12)
+            )
+    return Scores(metrics=scores, samples=dataset.samples, seconds=time.perf_counter() - started)
 
 
 def top1(outputs: list[np.ndarray], dataset: Dataset) -> float:
@@ -150,16 +231,20 @@ def _flat(batches: list[np.ndarray]) -> np.ndarray:
 
 
 def _user_metric(metric: Metric, outputs: ModelOutputs, reference: ModelOutputs, dataset: Dataset) -> float:
-    function = resolve_callable(str(metric.function))
+    reference_name = str(metric.function)
+    function = metric.load(reference_name)
+    value = call_user(reference_name, function, list(outputs.batches), list(reference.batches), dataset.labels())
     try:
-        return float(function(list(outputs.batches), list(reference.batches), dataset.labels()))
-    except Exception as error:
-        raise EvaluationError(f"metric {metric.name} ({metric.function}) raised {type(error).__name__}: {error}") from error
+        return float(value)
+    except (TypeError, ValueError) as error:
+        raise EvaluationError(
+            f"metric {metric.name} ({reference_name}) returned {type(value).__name__}, not a number"
+        ) from error
 
 
 def evaluate_model(
     model: Path, dataset: Dataset, reference: ModelOutputs, metrics: Sequence[Metric], output: str | None = None
-) -> Evaluation:
+) -> Scores:
     """Run `model` on `dataset` and score it against labels and the FP32 `reference` outputs."""
     outputs = run_model(model, dataset, output or reference.output_name)
     return evaluate(outputs, reference, dataset, metrics)

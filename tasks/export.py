@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from flows.spec import HuggingFaceModelSource, PyTorchModelSource, resolve_callable
-from tasks.data import Batch, Tokenizer
+from int8flow.tasks.data import Batch, Tokenizer
+from int8flow.tasks.sources import HuggingFaceModelSource, PyTorchModelSource, TorchSource
+from int8flow.tasks.usercode import UserCodeError, call_user
 
 HF_OUTPUT_NAMES = {
     "sentence-embedding": "sentence_embedding",
@@ -57,23 +58,40 @@ _torch = import_torch
 # -- PyTorch ------------------------------------------------------------------------------------------
 
 
-def load_pytorch_module(source: PyTorchModelSource, base_dir: Path | None = None):
+def load_pytorch_module(source: PyTorchModelSource):
     torch = _torch()
-    module = resolve_callable(source.factory, base_dir)()
+    try:
+        module = call_user(source.factory, source.load(source.factory))
+    except UserCodeError as error:
+        raise ExportError(str(error)) from error
     if not isinstance(module, torch.nn.Module):
         raise ExportError(f"{source.factory} returned {type(module).__name__}, not a torch.nn.Module")
     if source.checkpoint is not None:
-        state = torch.load(source.checkpoint, map_location="cpu", weights_only=True)
-        module.load_state_dict(state)
+        _load_checkpoint(torch, module, source)
     return module.eval()
 
 
-def export_pytorch(
-    source: PyTorchModelSource, batches: Sequence[Batch], out: Path, base_dir: Path | None = None
-) -> ExportedModel:
+def _load_checkpoint(torch, module, source: PyTorchModelSource) -> None:
+    try:
+        state = torch.load(source.checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch's own errors: all mean "not a state dict file"
+        raise ExportError(
+            f"checkpoint {source.checkpoint}: cannot be read as a state dict ({type(error).__name__}: {str(error).splitlines()[0]})"
+        ) from error
+    if not isinstance(state, dict):
+        raise ExportError(f"checkpoint {source.checkpoint}: holds a {type(state).__name__}, not a state dict")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        raise ExportError(
+            f"checkpoint {source.checkpoint} does not fit {source.factory}'s model: {str(error).splitlines()[0]}"
+        ) from error
+
+
+def export_pytorch(source: PyTorchModelSource, batches: Sequence[Batch], out: Path) -> ExportedModel:
     """Export the factory's module to `out` (example: the first batch), then check parity on `batches`."""
     started = time.perf_counter()
-    module = load_pytorch_module(source, base_dir)
+    module = load_pytorch_module(source)
     export_module(source, module, batches, out)
     difference = parity(module, out, batches[:PARITY_BATCHES], module_input_names(source))
     _check_tolerance(difference, source.export.parity_tolerance)
@@ -112,7 +130,9 @@ def hf_tokenizer(source: HuggingFaceModelSource) -> Tokenizer:
         encoded = tokenizer(
             list(texts), padding="max_length", truncation=True, max_length=source.max_length, return_tensors="np"
         )
-        return {name: np.asarray(encoded[name], dtype=np.int64) for name in tokenizer.model_input_names if name in encoded}
+        return {
+            name: np.asarray(encoded[name], dtype=np.int64) for name in tokenizer.model_input_names if name in encoded
+        }
 
     return tokenize
 
@@ -131,17 +151,21 @@ def load_hf_module(source: HuggingFaceModelSource):
     import transformers
 
     # Eager attention traces into the MatMul/Softmax pattern ORT's transformer optimizer fuses.
-    loader = transformers.AutoModelForSequenceClassification if source.task == "sequence-classification" else transformers.AutoModel
+    loader = (
+        transformers.AutoModelForSequenceClassification
+        if source.task == "sequence-classification"
+        else transformers.AutoModel
+    )
     model = loader.from_pretrained(str(source.path), attn_implementation="eager").eval()
     names = hf_input_names(source)
 
-    class Wrapped(torch.nn.Module):
+    class Wrapped(torch.nn.Module):  # type: ignore[name-defined]
         def __init__(self):
             super().__init__()
             self.model = model
 
         def forward(self, *tensors):
-            inputs = dict(zip(names, tensors))
+            inputs = dict(zip(names, tensors, strict=True))
             result = self.model(**inputs)
             if source.task == "sequence-classification":
                 return result.logits
@@ -188,30 +212,29 @@ def _padded_example(batches: Sequence[Batch]) -> Batch:
 # -- shared ---------------------------------------------------------------------------------------------
 
 
-def module_input_names(source: PyTorchModelSource | HuggingFaceModelSource) -> list[str]:
+def module_input_names(source: TorchSource) -> list[str]:
     """The module's forward() arguments, in order: the spec's inputs, or the tokenizer's."""
     if isinstance(source, HuggingFaceModelSource):
         return hf_input_names(source)
     return [tensor.name for tensor in source.inputs]
 
 
-def module_output_names(source: PyTorchModelSource | HuggingFaceModelSource) -> list[str]:
+def module_output_names(source: TorchSource) -> list[str]:
     if isinstance(source, HuggingFaceModelSource):
         return [HF_OUTPUT_NAMES[source.task]]
     return list(source.outputs)
 
 
-def export_module(
-    source: PyTorchModelSource | HuggingFaceModelSource, module, batches: Sequence[Batch], out: Path, opset: int | None = None
-) -> None:
+def export_module(source: TorchSource, module, batches: Sequence[Batch], out: Path, opset: int | None = None) -> None:
     """Export `module` (the source's model, or a changed copy of it) the way the spec says, to `out`."""
     if isinstance(source, HuggingFaceModelSource):
         axes, example = _hf_axes(source), _padded_example(batches)
     else:
         axes, example = _pytorch_axes(source), batches[0]
-    options = source.export if opset is None else source.export.model_copy(update={"opset": max(opset, source.export.opset)})
+    options = (
+        source.export if opset is None else source.export.model_copy(update={"opset": max(opset, source.export.opset)})
+    )
     _export(module, example, module_input_names(source), module_output_names(source), axes, options, out)
-
 
 
 def _export(module, example: Batch, input_names, output_names, dynamic_axes, options, out: Path) -> None:
@@ -267,16 +290,15 @@ def _check_tolerance(difference: float, tolerance: float) -> None:
         )
 
 
-def declared_input_dtypes(source: PyTorchModelSource | HuggingFaceModelSource) -> dict[str, np.dtype]:
+def declared_input_dtypes(source: TorchSource) -> dict[str, np.dtype]:
     """Input dtypes known before export: from the spec (PyTorch) or the tokenizer (Hugging Face)."""
     if isinstance(source, HuggingFaceModelSource):
         return {name: np.dtype("int64") for name in hf_input_names(source)}
     return {tensor.name: np.dtype(tensor.dtype) for tensor in source.inputs}
 
 
-def export_model(
-    source: PyTorchModelSource | HuggingFaceModelSource, batches: Sequence[Batch], out: Path, base_dir: Path | None = None
-) -> ExportedModel:
+def export_model(source: TorchSource, batches: Sequence[Batch], out: Path) -> ExportedModel:
+    """The source model as FP32 ONNX at `out`, checked for parity on `batches`."""
     if isinstance(source, HuggingFaceModelSource):
         return export_huggingface(source, batches, out)
-    return export_pytorch(source, batches, out, base_dir)
+    return export_pytorch(source, batches, out)

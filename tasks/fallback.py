@@ -24,12 +24,30 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization.registry import IntegerOpsRegistry
+from pydantic import Field
 
-from flows.spec import AccuracyFallback, DynamicVariant, StaticVariant, VariantBase
-from tasks.calibrate import ALL_QUANTIZABLE_OPS
-from tasks.data import Dataset
-from tasks.evaluate import Evaluation, feed_for
+from int8flow.tasks.data import Dataset
+from int8flow.tasks.evaluate import Scores, feed_for
+from int8flow.tasks.kinds import VariantBase
+from int8flow.tasks.options import StrictModel
+from int8flow.tasks.quantize import QuantizedModel
+from int8flow.tasks.select import AccuracyCheck
+
+
+class AccuracyFallback(StrictModel):
+    """What to do with a dynamic/static variant that misses `selection.max_drop`."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Keep the nodes with the largest quantization error in float, step by step, until the "
+        "variant meets `selection.max_drop` or the budget runs out.",
+    )
+    max_steps: int = Field(default=6, ge=1, le=64, description="Most re-quantizations per variant.")
+    max_seconds: float = Field(default=600.0, gt=0, le=86_400, description="Time budget per variant.")
+    samples: int = Field(
+        default=8, ge=1, le=1024, description="Calibration samples used to measure each tensor's quantization error."
+    )
+
 
 # Tensors a node reads that match FP32 exactly (graph inputs, weights) count as this clean (dB).
 CLEAN_SQNR_DB = 100.0
@@ -63,13 +81,8 @@ def _noise_ratio(sqnr_db: float) -> float:
 
 def quantizable_nodes(graph: onnx.GraphProto, variant: VariantBase) -> list[onnx.NodeProto]:
     """Nodes of the FP32 graph the variant's quantizer may touch, minus those already excluded."""
-    if isinstance(variant, DynamicVariant):
-        op_types = set(variant.op_types or IntegerOpsRegistry)
-    elif isinstance(variant, StaticVariant):
-        op_types = set(variant.op_types or ALL_QUANTIZABLE_OPS) - set(variant.op_types_to_exclude)
-    else:
-        return []
-    excluded = set(variant.nodes_to_exclude)
+    op_types = variant.fallback_op_types()
+    excluded = set(variant.excluded_nodes())
     return [node for node in graph.node if node.op_type in op_types and node.name and node.name not in excluded]
 
 
@@ -105,7 +118,9 @@ def _as_consumers_see_it(graph: onnx.GraphProto) -> dict[str, str]:
     return seen
 
 
-def tensor_sqnr(float_model: Path, quantized_model: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
+def tensor_sqnr(
+    float_model: Path, quantized_model: Path, feeds: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, float]:
     """SQNR (dB) of each float tensor of the FP32 graph that the quantized model also computes, over `feeds`."""
     float_graph = onnx.load(str(float_model), load_external_data=False).graph
     quantized_graph = onnx.load(str(quantized_model), load_external_data=False).graph
@@ -117,12 +132,27 @@ def tensor_sqnr(float_model: Path, quantized_model: Path, feeds: Sequence[Mappin
         for name in node.output
         if name and seen.get(name, name) in quantized_tensors
     }
-    reference, candidate = _tracing_session(float_model, list(pairs)), _tracing_session(quantized_model, list(pairs.values()))
+    reference, candidate = (
+        _tracing_session(float_model, list(pairs)),
+        _tracing_session(quantized_model, list(pairs.values())),
+    )
     signal: dict[str, float] = {}
     noise: dict[str, float] = {}
     for feed in feeds:
-        expected = dict(zip([o.name for o in reference.get_outputs()], reference.run(None, feed_for(reference, dict(feed)))))
-        actual = dict(zip([o.name for o in candidate.get_outputs()], candidate.run(None, feed_for(candidate, dict(feed)))))
+        expected = dict(
+            zip(
+                [o.name for o in reference.get_outputs()],
+                reference.run(None, feed_for(reference, dict(feed))),
+                strict=True,
+            )
+        )
+        actual = dict(
+            zip(
+                [o.name for o in candidate.get_outputs()],
+                candidate.run(None, feed_for(candidate, dict(feed))),
+                strict=True,
+            )
+        )
         for name, quantized_name in pairs.items():
             x, y = expected.get(name), actual.get(quantized_name)
             if x is None or y is None or x.dtype.kind != "f" or y.dtype.kind != "f" or x.shape != y.shape:
@@ -131,12 +161,16 @@ def tensor_sqnr(float_model: Path, quantized_model: Path, feeds: Sequence[Mappin
             signal[name] = signal.get(name, 0.0) + float(np.sum(x64 * x64))
             noise[name] = noise.get(name, 0.0) + float(np.sum((x64 - y.astype(np.float64)) ** 2))
     return {
-        name: CLEAN_SQNR_DB if noise[name] == 0 else min(CLEAN_SQNR_DB, 10 * math.log10(max(signal[name], 1e-30) / noise[name]))
+        name: CLEAN_SQNR_DB
+        if noise[name] == 0
+        else min(CLEAN_SQNR_DB, 10 * math.log10(max(signal[name], 1e-30) / noise[name]))
         for name in signal
     }
 
 
-def rank_nodes(float_model: Path, quantized_model: Path, variant: VariantBase, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[NodeError]:
+def rank_nodes(
+    float_model: Path, quantized_model: Path, variant: VariantBase, feeds: Sequence[Mapping[str, np.ndarray]]
+) -> list[NodeError]:
     """The variant's quantizable nodes, the one adding the most quantization noise first.
 
     A tensor's error is charged to the node that computes it in the quantized model when that is
@@ -188,8 +222,8 @@ class FallbackStep:
     name: str
     variant: VariantBase
     kept_in_float: tuple[str, ...]
-    quantized: object | None = None  # tasks.quantize.QuantizedModel
-    evaluation: Evaluation | None = None
+    quantized: QuantizedModel | None = None
+    evaluation: Scores | None = None
     drop: float | None = None
     passed: bool = False
     error: str | None = None
@@ -210,12 +244,12 @@ class FallbackResult:
         if passing:
             return min(passing, key=lambda step: len(step.kept_in_float))
         scored = [step for step in self.steps if step.drop is not None]
-        return min(scored, key=lambda step: step.drop) if scored else None
+        return min(scored, key=lambda step: step.drop or 0.0) if scored else None
 
 
 def error_feeds(dataset: Dataset, samples: int) -> list[dict[str, np.ndarray]]:
     """The first `samples` samples, one per feed (batches may have different shapes)."""
-    feeds = []
+    feeds: list[dict[str, np.ndarray]] = []
     for batch in dataset.batches:
         for index in range(batch.size):
             if len(feeds) == samples:
@@ -229,15 +263,14 @@ def accuracy_fallback(
     float_model: Path,
     quantized_model: Path,
     error_data: Dataset,
-    quantize_step: Callable[[VariantBase, Path], object],
-    evaluate_step: Callable[[Path], Evaluation],
-    drop_of: Callable[[Evaluation], float],
-    max_drop: float,
+    quantize_step: Callable[[VariantBase, Path], QuantizedModel],
+    evaluate_step: Callable[[Path], Scores],
+    check: Callable[[Scores], AccuracyCheck],
     budget: AccuracyFallback,
     bisect: bool,
     work: Path,
 ) -> FallbackResult:
-    """Re-quantize `variant` with its worst nodes kept in float until `drop_of(evaluation) <= max_drop`.
+    """Re-quantize `variant` with its worst nodes kept in float until `check(scores)` passes.
 
     `quantize_step(variant, out)` and `evaluate_step(path)` are the pipeline's own quantize and
     evaluate stages, so every step is made and judged exactly like any other variant.
@@ -245,7 +278,11 @@ def accuracy_fallback(
     started = time.perf_counter()
     ranking = tuple(rank_nodes(float_model, quantized_model, variant, error_feeds(error_data, budget.samples)))
     if len(ranking) < 2:
-        return FallbackResult(ranking, (), "fewer than two quantized nodes could be compared with FP32: nothing to keep in float and still call it INT8")
+        return FallbackResult(
+            ranking,
+            (),
+            "fewer than two quantized nodes could be compared with FP32: nothing to keep in float and still call it INT8",
+        )
     tried: dict[int, bool] = {0: False}
     steps: list[FallbackStep] = []
     stopped = "all but one quantized node tried in float"
@@ -262,20 +299,38 @@ def accuracy_fallback(
         if time.perf_counter() - started > budget.max_seconds:
             stopped = f"time budget ({budget.max_seconds:g} s) used"
             break
-        steps.append(_step(variant, ranking[:count], quantize_step, evaluate_step, drop_of, max_drop, work))
+        steps.append(_step(variant, ranking[:count], quantize_step, evaluate_step, check, work))
         tried[count] = steps[-1].passed
     return FallbackResult(ranking, tuple(steps), stopped)
 
 
-def _step(variant, worst: Sequence[NodeError], quantize_step, evaluate_step, drop_of, max_drop, work: Path) -> FallbackStep:
+def _step(
+    variant: VariantBase,
+    worst: Sequence[NodeError],
+    quantize_step: Callable[[VariantBase, Path], QuantizedModel],
+    evaluate_step: Callable[[Path], Scores],
+    check: Callable[[Scores], AccuracyCheck],
+    work: Path,
+) -> FallbackStep:
     started = time.perf_counter()
     kept = tuple(error.node for error in worst)
-    name = f"{variant.name}-float{len(kept)}"
-    step_variant = variant.model_copy(update={"name": name, "nodes_to_exclude": [*variant.nodes_to_exclude, *kept]})
+    name = f"{variant.label}-float{len(kept)}"
+    step_variant = variant.with_excluded(kept, name)
     try:
         quantized = quantize_step(step_variant, work / name / "model.onnx")
-        evaluation = evaluate_step(quantized.path)  # type: ignore[attr-defined]
-    except Exception as error:
-        return FallbackStep(name, step_variant, kept, error=f"{type(error).__name__}: {error}", seconds=time.perf_counter() - started)
-    drop = drop_of(evaluation)
-    return FallbackStep(name, step_variant, kept, quantized, evaluation, drop, drop <= max_drop, seconds=time.perf_counter() - started)
+        evaluation = evaluate_step(quantized.path)
+    except Exception as error:  # noqa: BLE001 - a failed step is recorded, the search goes on
+        return FallbackStep(
+            name, step_variant, kept, error=f"{type(error).__name__}: {error}", seconds=time.perf_counter() - started
+        )
+    accuracy = check(evaluation)
+    return FallbackStep(
+        name,
+        step_variant,
+        kept,
+        quantized,
+        evaluation,
+        accuracy.drop,
+        accuracy.passed,
+        seconds=time.perf_counter() - started,
+    )

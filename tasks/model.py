@@ -5,11 +5,24 @@ from __future__ import annotations
 import hashlib
 import shutil
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper
+
+
+class Graph(StrEnum):
+    """Which FP32 graph a variant starts from."""
+
+    GIVEN = "given"  # the model as given (after repairs)
+    PREPROCESSED = "preprocessed"  # after ORT's quant_pre_process
+    FUSED = "fused"  # after ORT's transformer optimizer (it is the fused graph's pre-processing)
+
+
+class ModelError(ValueError):
+    """The model file cannot be used: missing, a folder, empty, or not an ONNX protobuf."""
 
 
 @dataclass(frozen=True)
@@ -117,3 +130,13 @@ def private_link(model: Path, directory: Path) -> Path:
         if not (directory / file.name).exists():
             shutil.copyfile(file, directory / file.name)
     return target
+
+
+def save_model(model: onnx.ModelProto, out: Path, external: bool) -> None:
+    """Write `model` to `out`, its tensors in `<out>.data` when the source kept external data."""
+    if external or model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        onnx.save(
+            model, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{out.name}.data"
+        )
+    else:
+        onnx.save(model, str(out))

@@ -6,15 +6,75 @@ import contextlib
 import shutil
 import tempfile
 import threading
-
-import onnx
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import onnx
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from pydantic import Field
 
-from flows.spec import Preprocess, TransformerFusion
-from tasks.model import model_files, uses_external_data
+from int8flow.tasks.model import model_files, uses_external_data
+from int8flow.tasks.options import StrictModel
+
+
+class TransformerFusion(StrictModel):
+    """ONNX Runtime's transformer optimizer (`onnxruntime.transformers.optimizer.optimize_model`)."""
+
+    model_type: Literal["bert", "bart", "gpt2", "t5", "vit", "clip", "unet", "vae"] = Field(
+        default="bert", description="Architecture family whose fusion patterns to apply."
+    )
+    num_heads: int = Field(default=0, ge=0, description="Attention heads; 0: detect from the graph.")
+    hidden_size: int = Field(default=0, ge=0, description="Hidden size; 0: detect from the graph.")
+    opt_level: Literal[0, 1, 2, 99] = Field(
+        default=0,
+        description="0: the optimizer's own fusions only (ORT sessions apply their graph optimisations at "
+        "load anyway); 1/2/99: also run ORT's offline graph optimisation at that level.",
+    )
+    disable: list[
+        Literal[
+            "attention",
+            "skip_layer_norm",
+            "embed_layer_norm",
+            "bias_gelu",
+            "gelu",
+            "layer_norm",
+            "bias_skip_layer_norm",
+        ]
+    ] = Field(default_factory=list, description="Fusions to leave out (FusionOptions `enable_*` = False).")
+    attention_mask: Literal["raw", "mask_index_end"] = Field(
+        default="raw",
+        description="Mask format of fused Attention: `raw` (the 0/1 mask, right for any padding side) or "
+        "ORT's `mask_index_end` (silently wrong for left-padded inputs).",
+    )
+    mask_filter_value: float | None = Field(
+        default=None,
+        lt=0,
+        description="Score given to masked positions in fused (Q)Attention; ORT's default -10000 makes "
+        "softmax produce denormal floats, very slow on some x86 CPUs; -30 already gives weight ~1e-13.",
+    )
+    strip_value_info: bool = Field(
+        default=False,
+        description="Drop shape hints (value_info) from fused variants, so ORT cannot re-create a fusion "
+        "left out in `disable` (e.g. SkipLayerNormalization, whose CPU kernel is slow) at load time.",
+    )
+
+
+class Preprocess(StrictModel):
+    quant_pre_process: bool = Field(
+        default=True,
+        description="Run ONNX Runtime's `quant_pre_process` (shape inference, graph optimisation) "
+        "first. If symbolic shape inference fails it is retried without it, and the run says so.",
+    )
+    skip_optimization: bool = Field(
+        default=False, description="Skip the ORT graph optimisation step of `quant_pre_process`."
+    )
+    transformer_fusion: TransformerFusion | None = Field(
+        default=None,
+        description="Also build a transformer-fused FP32 graph (Attention, LayerNorm, GELU fusion); "
+        "variants with `fused: true` start from it.",
+    )
+
 
 # quant_pre_process writes scratch files into the current directory, so it runs from a temp dir;
 # the working directory is process-wide, hence the lock.
@@ -38,7 +98,7 @@ def preprocess(model: Path, options: Preprocess, out: Path) -> PreprocessedModel
     try:
         _run(model, out, options, skip_symbolic_shape=False)
         return PreprocessedModel(out, symbolic_shape_inference=True)
-    except Exception as error:  # ORT raises bare Exceptions here ("Incomplete symbolic shape inference")
+    except Exception as error:  # noqa: BLE001 - ORT raises bare Exceptions here ("Incomplete symbolic shape inference")
         first_error = f"{type(error).__name__}: {error}"
     _run(model, out, options, skip_symbolic_shape=True)
     note = f"symbolic shape inference failed ({first_error.splitlines()[0]}); pre-processed without it"
@@ -108,7 +168,11 @@ def fuse_transformer(model: Path, options: TransformerFusion, out: Path) -> Fuse
     finish_transformer_graph(optimized.model, options)
     optimized.save_model_to_file(str(out), use_external_data_format=uses_external_data(model))
     notes = []
-    if not statistics.get("Attention") and not statistics.get("MultiHeadAttention") and "attention" not in options.disable:
+    if (
+        not statistics.get("Attention")
+        and not statistics.get("MultiHeadAttention")
+        and "attention" not in options.disable
+    ):
         notes.append("no Attention was fused: the attention subgraph did not match ORT's patterns")
     return FusedModel(out, statistics, notes)
 

@@ -9,11 +9,30 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
-from tasks.data import Dataset
-from tasks.evaluate import feed_for, session
+from int8flow.tasks.data import Dataset
+from int8flow.tasks.evaluate import feed_for, session
+from int8flow.tasks.options import StrictModel
+
+
+class Profiling(StrictModel):
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [1], min_length=1, max_length=8, description="Batch sizes to time."
+    )
+    threads: list[Annotated[int, Field(ge=1, le=256)]] = Field(
+        default_factory=lambda: [1], min_length=1, max_length=8, description="ORT intra-op thread counts to time."
+    )
+    warmup: int = Field(default=5, ge=0, le=1000, description="Untimed runs before timing, per model.")
+    runs: int = Field(default=30, ge=3, le=10_000, description="Timed runs per model and configuration.")
+    all_variants: bool = Field(
+        default=False,
+        description="Also time variants that miss `selection.max_drop` (they stay rejected), for side-by-side "
+        "comparisons; by default they are not worth the time.",
+    )
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ No Prefect, no MLflow: progress goes to an `on_step` callback.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import time
 import warnings
@@ -34,11 +33,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from flows.spec import HuggingFaceModelSource, PyTorchModelSource, QatVariant
-from tasks.data import Batch
+from int8flow.tasks.data import Batch
+from int8flow.tasks.kinds.qat import QatVariant
+from int8flow.tasks.sources import HuggingFaceModelSource, TorchSource
 
 ACTIVATION_RANGES = {"QUInt8": (0, 255), "QInt8": (-128, 127)}
-PERCENTILE_SAMPLE = 1 << 20  # values per batch a percentile is taken over (torch.quantile's input limit is 2**24)
 
 
 class QatError(RuntimeError):
@@ -70,7 +69,7 @@ class QatResult:
 
 
 def _torch():
-    from tasks.export import import_torch
+    from int8flow.tasks.export import import_torch
 
     return import_torch(QatError, "a qat variant")
 
@@ -78,129 +77,11 @@ def _torch():
 # -- fake quantization -------------------------------------------------------------------------------
 
 
-@functools.cache
 def _modules():
-    torch = _torch()
-    nn = torch.nn
+    _torch()  # the [torch] extra, or QatError saying so
+    from int8flow.tasks import qat_layers
 
-    class ActivationQuantizer(nn.Module):
-        """Per-tensor fake quantization of an activation. Three modes: `observe` (record the range,
-        pass through), `train` (LSQ: the scale is learned), `export` (fixed Python numbers, so the
-        exporter writes constant scale and zero point)."""
-
-        def __init__(self, qmin: int, qmax: int, symmetric: bool, method: str, percentile: float):
-            super().__init__()
-            self.qmin, self.qmax, self.symmetric = qmin, qmax, symmetric
-            self.method, self.percentile = method, percentile
-            # the learned scale is `base_scale * scale_factor`: an optimiser step then moves it by a
-            # share of itself, whatever the tensor's magnitude
-            self.scale_factor = nn.Parameter(torch.tensor([1.0]))
-            self.register_buffer("base_scale", torch.tensor([1.0]))
-            self.register_buffer("zero_point", torch.tensor([0.0]))
-            self.register_buffer("low", torch.tensor(0.0))
-            self.register_buffer("high", torch.tensor(0.0))
-            self.register_buffer("observed", torch.tensor(0))
-            self.mode = "observe"
-
-        def forward(self, x):
-            if self.mode == "observe":
-                self._observe(x.detach())
-                return x
-            if self.mode == "export":
-                return torch.fake_quantize_per_tensor_affine(x, self.current_scale(), int(self.zero_point), self.qmin, self.qmax)
-            # LSQ's gradient scale keeps the scale's steps in proportion to the tensor it quantizes
-            grad_factor = 1.0 / math.sqrt(x.numel() * self.qmax)
-            return torch._fake_quantize_learnable_per_tensor_affine(
-                x, self.base_scale * self.scale_factor.abs(), self.zero_point, self.qmin, self.qmax, grad_factor
-            )
-
-        def current_scale(self) -> float:
-            return float(self.base_scale * self.scale_factor.detach().abs())
-
-        def _observe(self, x) -> None:
-            if self.method == "percentile":
-                flat = x.flatten().float()
-                if flat.numel() > PERCENTILE_SAMPLE:
-                    flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:PERCENTILE_SAMPLE]]
-                fraction = self.percentile / 100.0
-                low, high = torch.quantile(flat, 1.0 - fraction), torch.quantile(flat, fraction)
-                # the mean of per-batch percentiles: one pass, bounded memory
-                count = int(self.observed)
-                self.low.copy_((self.low * count + low) / (count + 1))
-                self.high.copy_((self.high * count + high) / (count + 1))
-            else:
-                low, high = x.min(), x.max()
-                first = int(self.observed) == 0
-                self.low.copy_(low if first else torch.minimum(self.low, low))
-                self.high.copy_(high if first else torch.maximum(self.high, high))
-            self.observed += 1
-
-        def start(self) -> None:
-            """Scale and zero point from the observed range (ORT's MinMax rule: the range includes 0)."""
-            low, high = min(float(self.low), 0.0), max(float(self.high), 0.0)
-            if self.symmetric:
-                bound = max(abs(low), abs(high))
-                low, high = -bound, bound
-            scale = max((high - low) / (self.qmax - self.qmin), 1e-8)
-            if self.symmetric:
-                zero_point = (self.qmin + self.qmax + 1) // 2
-            else:
-                zero_point = int(round(self.qmin - low / scale))
-                zero_point = min(max(zero_point, self.qmin), self.qmax)
-            with torch.no_grad():
-                self.base_scale.fill_(scale)
-                self.scale_factor.fill_(1.0)
-                self.zero_point.fill_(float(zero_point))
-            self.mode = "train"
-
-    class QuantizedLayer(nn.Module):
-        """A Linear or Conv layer with fake-quantized input, weight and (optionally) output."""
-
-        def __init__(self, layer, make_quantizer, per_channel: bool, weight_max: int, quantize_outputs: bool, fused_relu: bool):
-            super().__init__()
-            self.layer = layer
-            self.input_quantizer = make_quantizer()
-            self.output_quantizer = make_quantizer() if quantize_outputs else None
-            self.per_channel, self.weight_max, self.fused_relu = per_channel, weight_max, fused_relu
-            self.register_buffer("frozen_weight_scale", torch.zeros(0))
-
-        def weight_scale(self):
-            weight = self.layer.weight.detach()
-            if self.per_channel:
-                absmax = weight.abs().amax(dim=tuple(range(1, weight.dim())))
-            else:
-                absmax = weight.abs().max().reshape(1)
-            return (absmax / self.weight_max).clamp(min=1e-12)
-
-        def quantized_weight(self):
-            weight = self.layer.weight
-            scale = self.frozen_weight_scale if self.frozen_weight_scale.numel() else self.weight_scale()
-            # int8 range for the op; `weight_max` (63 with reduce_range) keeps the values inside 7 bits
-            if self.per_channel:
-                zero = torch.zeros(scale.numel(), dtype=torch.int32)
-                return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -128, 127)
-            if self.frozen_weight_scale.numel():
-                return torch.fake_quantize_per_tensor_affine(weight, float(scale), 0, -128, 127)
-            return torch.fake_quantize_per_tensor_affine(weight, scale, torch.zeros(1, dtype=torch.int32), -128, 127)
-
-        def forward(self, x):
-            x = self.input_quantizer(x)
-            weight = self.quantized_weight()
-            layer = self.layer
-            if isinstance(layer, nn.Linear) and x.dim() > 2 and self.output_quantizer is not None:
-                # exported as MatMul + Add: ORT quantizes the MatMul's output, before the bias
-                y = self.output_quantizer(torch.matmul(x, weight.t()))
-                y = y + layer.bias if layer.bias is not None else y
-                return torch.relu(y) if self.fused_relu else y
-            if isinstance(layer, nn.Linear):
-                y = torch.nn.functional.linear(x, weight, layer.bias)
-            else:
-                y = layer._conv_forward(x, weight, layer.bias)
-            if self.fused_relu:
-                y = torch.relu(y)
-            return self.output_quantizer(y) if self.output_quantizer is not None else y
-
-    return ActivationQuantizer, QuantizedLayer
+    return qat_layers.ActivationQuantizer, qat_layers.QuantizedLayer
 
 
 def prepare(module, variant: QatVariant, percentile: float = 99.999) -> list[str]:
@@ -228,8 +109,16 @@ def prepare(module, variant: QatVariant, percentile: float = 99.999) -> list[str
                 continue
             # a ReLU right after the layer in a Sequential: quantize after it, as ORT fuses Conv+Relu
             following = children[index + 1][1] if index + 1 < len(children) else None
-            fused_relu = isinstance(parent, nn.Sequential) and isinstance(following, nn.ReLU) and variant.quantize_outputs
-            setattr(parent, child_name, QuantizedLayer(child, make_quantizer, variant.per_channel, weight_max, variant.quantize_outputs, fused_relu))
+            fused_relu = (
+                isinstance(parent, nn.Sequential) and isinstance(following, nn.ReLU) and variant.quantize_outputs
+            )
+            setattr(
+                parent,
+                child_name,
+                QuantizedLayer(
+                    child, make_quantizer, variant.per_channel, weight_max, variant.quantize_outputs, fused_relu
+                ),
+            )
             if fused_relu:
                 setattr(parent, children[index + 1][0], nn.Identity())
             swapped.append(full_name)
@@ -297,7 +186,10 @@ def _trim_padding(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if mask is None or mask.ndim != 2:
         return inputs
     length = max(int(mask.sum(axis=1).max()), 1)
-    return {name: array[:, :length] if array.ndim == 2 and array.shape[1] == mask.shape[1] else array for name, array in inputs.items()}
+    return {
+        name: array[:, :length] if array.ndim == 2 and array.shape[1] == mask.shape[1] else array
+        for name, array in inputs.items()
+    }
 
 
 def _token_splice(inputs: dict[str, np.ndarray], share: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -309,7 +201,7 @@ def _token_splice(inputs: dict[str, np.ndarray], share: float, rng: np.random.Ge
     ids, mask = ids.copy(), mask.copy()
     count, width = ids.shape
     lengths = mask.sum(axis=1).astype(int)
-    for row in rng.choice(count, size=int(round(share * count)), replace=False):
+    for row in rng.choice(count, size=round(share * count), replace=False):
         first, second = rng.choice(count, size=2, replace=True)
         body_a = ids[first, 1 : lengths[first] - 1]
         body_b = ids[second, 1 : lengths[second] - 1]
@@ -360,18 +252,8 @@ def train(
         raise QatError("training.loss `task` needs labels in the training data")
     rng = np.random.default_rng(settings.seed)
     torch.manual_seed(settings.seed)
-    scales = list({id(q.scale_factor): q.scale_factor for q in _quantizers(student)}.values())
-    scale_ids = {id(p) for p in scales}
-    weights = [p for p in student.parameters() if p.requires_grad and id(p) not in scale_ids]
-    groups = [{"params": weights, "lr": settings.learning_rate}]
-    if settings.scale_learning_rate > 0:
-        groups.append({"params": scales, "lr": settings.scale_learning_rate})
-    else:
-        for scale in scales:
-            scale.requires_grad_(False)
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / planned, 1.0))))
-    student_hidden, teacher_hidden = (_hidden_hook(student), _hidden_hook(teacher)) if settings.hidden_weight else (None, None)
+    optimizer, schedule = _optimizer(torch, student, settings, planned)
+    hidden = (_hidden_hook(student), _hidden_hook(teacher)) if settings.hidden_weight else None
     # dropout off: the student is compared with a deterministic teacher, step for step
     student.eval()
     teacher.eval()
@@ -382,20 +264,7 @@ def train(
     for step in range(planned):
         if not order:
             order = list(rng.permutation(len(batches)))
-        batch = batches[order.pop()]
-        inputs = batch.inputs
-        if settings.augment == "token_splice":
-            inputs = _token_splice(inputs, settings.augment_share, rng)
-        inputs = _trim_padding(inputs)
-        tensors = _tensors(inputs, input_names)
-        with torch.no_grad():
-            target = _first(teacher(*tensors))
-        output = _first(student(*tensors))
-        loss = _loss(settings.loss, output, target, batch.labels)
-        if student_hidden is not None and teacher_hidden is not None:
-            mask = torch.from_numpy(inputs["attention_mask"]).unsqueeze(-1).to(output.dtype)
-            error = ((student_hidden["hidden"] - teacher_hidden["hidden"]) ** 2 * mask).sum()
-            loss = loss + settings.hidden_weight * error / ((teacher_hidden["hidden"] ** 2) * mask).sum().clamp(min=1e-12)
+        loss = _step_loss(torch, student, teacher, batches[order.pop()], input_names, settings, rng, hidden)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -410,6 +279,43 @@ def train(
     return log, planned, stopped
 
 
+def _optimizer(torch, student, settings, planned: int):
+    """AdamW over the weights (and the activation scales, at their own rate) with cosine decay."""
+    scales = list({id(q.scale_factor): q.scale_factor for q in _quantizers(student)}.values())
+    scale_ids = {id(p) for p in scales}
+    weights = [p for p in student.parameters() if p.requires_grad and id(p) not in scale_ids]
+    groups = [{"params": weights, "lr": settings.learning_rate}]
+    if settings.scale_learning_rate > 0:
+        groups.append({"params": scales, "lr": settings.scale_learning_rate})
+    else:
+        for scale in scales:
+            scale.requires_grad_(False)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / planned, 1.0)))
+    )
+    return optimizer, schedule
+
+
+def _step_loss(torch, student, teacher, batch: Batch, input_names, settings, rng, hidden):
+    """One batch's loss: the student against the teacher (or the labels), plus hidden-state distillation."""
+    inputs = batch.inputs
+    if settings.augment == "token_splice":
+        inputs = _token_splice(inputs, settings.augment_share, rng)
+    inputs = _trim_padding(inputs)
+    tensors = _tensors(inputs, input_names)
+    with torch.no_grad():
+        target = _first(teacher(*tensors))
+    output = _first(student(*tensors))
+    loss = _loss(settings.loss, output, target, batch.labels)
+    if hidden is not None:
+        student_hidden, teacher_hidden = hidden[0]["hidden"], hidden[1]["hidden"]
+        mask = torch.from_numpy(inputs["attention_mask"]).unsqueeze(-1).to(output.dtype)
+        error = ((student_hidden - teacher_hidden) ** 2 * mask).sum()
+        loss = loss + settings.hidden_weight * error / ((teacher_hidden**2) * mask).sum().clamp(min=1e-12)
+    return loss
+
+
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -420,7 +326,12 @@ def _loss(kind: str, output, target, labels):
     if kind == "task":
         return functional.cross_entropy(output.reshape(len(labels), -1), torch.from_numpy(np.asarray(labels)).long())
     if kind == "distill_cosine":
-        return 1.0 - functional.cosine_similarity(output.reshape(len(output), -1), target.reshape(len(target), -1), dim=1).mean()
+        return (
+            1.0
+            - functional.cosine_similarity(
+                output.reshape(len(output), -1), target.reshape(len(target), -1), dim=1
+            ).mean()
+        )
     return functional.mse_loss(output, target)
 
 
@@ -459,41 +370,15 @@ def fold_weights(model: onnx.ModelProto) -> list[str]:
             consumers.setdefault(name, []).append(node)
     removed: set[int] = set()
     new_initializers: list[onnx.TensorProto] = []
-    folded = 0
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] not in initializers:
             continue
-        weight = constants[node.input[0]].astype(np.float32)
-        scale = constants[node.input[1]].astype(np.float32)
-        zero = constants[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        shape = [1] * weight.ndim
-        if scale.ndim == 1 and scale.size > 1:
-            shape[axis] = scale.size
-        info = np.iinfo(zero.dtype)
-        quantized = np.clip(np.rint(weight / scale.reshape(shape)) + zero.astype(np.int32).reshape(shape), info.min, info.max).astype(zero.dtype)
+        quantized, axis, many_scales = _quantized_weight(node, constants)
         for dq in consumers.get(node.output[0], []):
-            if dq.op_type != "DequantizeLinear":
-                continue
-            after = consumers.get(dq.output[0], [])
-            transpose = after[0] if len(after) == 1 and after[0].op_type == "Transpose" and quantized.ndim == 2 else None
-            values, dq_axis = quantized, axis
-            if transpose is not None and [a.ints for a in transpose.attribute if a.name == "perm"] in ([], [[1, 0]]):
-                values, dq_axis = quantized.T.copy(), 1 - axis
-                for consumer in consumers.get(transpose.output[0], []):
-                    for index, name in enumerate(consumer.input):
-                        if name == transpose.output[0]:
-                            consumer.input[index] = dq.output[0]
-                removed.add(id(transpose))
-            name = f"{node.input[0]}_quantized_{folded}"
-            new_initializers.append(numpy_helper.from_array(values, name))
-            dq.input[0] = name
-            for attribute in dq.attribute:
-                if attribute.name == "axis":
-                    attribute.i = dq_axis
-            if scale.size > 1 and not any(a.name == "axis" for a in dq.attribute):
-                dq.attribute.append(onnx.helper.make_attribute("axis", dq_axis))
-            folded += 1
+            if dq.op_type == "DequantizeLinear":
+                name = f"{node.input[0]}_quantized_{len(new_initializers)}"
+                values = _read_from_initializer(dq, quantized, axis, many_scales, name, consumers, removed)
+                new_initializers.append(numpy_helper.from_array(values, name))
         removed.add(id(node))
     kept = [node for node in graph.node if id(node) not in removed]
     del graph.node[:]
@@ -501,37 +386,95 @@ def fold_weights(model: onnx.ModelProto) -> list[str]:
     graph.initializer.extend(new_initializers)
     biases = _int32_biases(graph, _constants(graph), {output: n for n in graph.node for output in n.output})
     _drop_unused_initializers(graph)
-    return [f"{folded} fake-quantized weights stored as int8 initializers", *( [f"{biases} Conv/Gemm biases stored as int32"] if biases else [])]
+    return [
+        f"{len(new_initializers)} fake-quantized weights stored as int8 initializers",
+        *([f"{biases} Conv/Gemm biases stored as int32"] if biases else []),
+    ]
 
 
-def _int32_biases(graph: onnx.GraphProto, constants: dict[str, np.ndarray], producers: dict[str, onnx.NodeProto]) -> int:
+def _quantized_weight(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> tuple[np.ndarray, int, bool]:
+    """What a weight's QuantizeLinear computes: the integer values, the axis, whether scales are per channel."""
+    weight = constants[node.input[0]].astype(np.float32)
+    scale = constants[node.input[1]].astype(np.float32)
+    zero = constants[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    shape = [1] * weight.ndim
+    if scale.ndim == 1 and scale.size > 1:
+        shape[axis] = scale.size
+    info = np.iinfo(zero.dtype)
+    values = np.rint(weight / scale.reshape(shape)) + zero.astype(np.int32).reshape(shape)
+    return np.clip(values, info.min, info.max).astype(zero.dtype), axis, scale.size > 1
+
+
+def _read_from_initializer(
+    dq: onnx.NodeProto,
+    quantized: np.ndarray,
+    axis: int,
+    many_scales: bool,
+    name: str,
+    consumers: dict[str, list[onnx.NodeProto]],
+    removed: set[int],
+) -> np.ndarray:
+    """Point `dq` at the integer initializer `name`; fold a 2-D Transpose behind it into the values."""
+    after = consumers.get(dq.output[0], [])
+    transpose = after[0] if len(after) == 1 and after[0].op_type == "Transpose" and quantized.ndim == 2 else None
+    values, dq_axis = quantized, axis
+    if transpose is not None and [a.ints for a in transpose.attribute if a.name == "perm"] in ([], [[1, 0]]):
+        values, dq_axis = quantized.T.copy(), 1 - axis
+        for consumer in consumers.get(transpose.output[0], []):
+            for index, input_name in enumerate(consumer.input):
+                if input_name == transpose.output[0]:
+                    consumer.input[index] = dq.output[0]
+        removed.add(id(transpose))
+    dq.input[0] = name
+    for attribute in dq.attribute:
+        if attribute.name == "axis":
+            attribute.i = dq_axis
+    if many_scales and not any(a.name == "axis" for a in dq.attribute):
+        dq.attribute.append(onnx.helper.make_attribute("axis", dq_axis))
+    return values
+
+
+def _int32_biases(
+    graph: onnx.GraphProto, constants: dict[str, np.ndarray], producers: dict[str, onnx.NodeProto]
+) -> int:
     count = 0
     for node in list(graph.node):
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in constants:
             continue
         if node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
             continue
-        sources = [producers.get(name) for name in node.input[:2]]
-        if any(source is None or source.op_type != "DequantizeLinear" for source in sources):
+        input_source, weight_source = (producers.get(name) for name in node.input[:2])
+        if (
+            input_source is None
+            or weight_source is None
+            or {input_source.op_type, weight_source.op_type} != {"DequantizeLinear"}
+        ):
             continue
-        input_scale = constants.get(sources[0].input[1])
-        weight_scale = constants.get(sources[1].input[1])
+        input_scale = constants.get(input_source.input[1])
+        weight_scale = constants.get(weight_source.input[1])
         if input_scale is None or weight_scale is None or input_scale.size != 1:
             continue
         bias = constants[node.input[2]].astype(np.float32)
-        scale = (input_scale.astype(np.float32).reshape(()) * weight_scale.astype(np.float32).reshape(-1))
+        scale = input_scale.astype(np.float32).reshape(()) * weight_scale.astype(np.float32).reshape(-1)
         scale = np.broadcast_to(scale, bias.shape).astype(np.float32) if scale.size > 1 else scale.reshape(())
         quantized = np.rint(bias / scale).astype(np.int32)
         prefix = f"{node.input[2]}_int32_{count}"
-        graph.initializer.extend([
-            numpy_helper.from_array(quantized, prefix),
-            numpy_helper.from_array(np.asarray(scale, np.float32), f"{prefix}_scale"),
-            numpy_helper.from_array(np.zeros(scale.shape, np.int32), f"{prefix}_zero_point"),
-        ])
-        dq = onnx.helper.make_node(
-            "DequantizeLinear", [prefix, f"{prefix}_scale", f"{prefix}_zero_point"], [f"{prefix}_dequantized"],
-            name=f"{prefix}_DequantizeLinear", **({"axis": 0} if np.ndim(scale) else {}),
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(quantized, prefix),
+                numpy_helper.from_array(np.asarray(scale, np.float32), f"{prefix}_scale"),
+                numpy_helper.from_array(np.zeros(scale.shape, np.int32), f"{prefix}_zero_point"),
+            ]
         )
+        dq = onnx.helper.make_node(
+            "DequantizeLinear",
+            [prefix, f"{prefix}_scale", f"{prefix}_zero_point"],
+            [f"{prefix}_dequantized"],
+            name=f"{prefix}_DequantizeLinear",
+        )
+        if np.ndim(scale):
+            dq.attribute.append(onnx.helper.make_attribute("axis", 0))
         graph.node.insert(list(graph.node).index(node), dq)
         node.input[2] = dq.output[0]
         count += 1
@@ -545,10 +488,10 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     graph.initializer.extend(kept)
 
 
-def export_qdq(source: PyTorchModelSource | HuggingFaceModelSource, module, batches: Sequence[Batch], out: Path) -> list[str]:
+def export_qdq(source: TorchSource, module, batches: Sequence[Batch], out: Path) -> list[str]:
     """Export the frozen fake-quantized `module` to a QDQ ONNX model at `out` with int8 weights."""
     torch = _torch()
-    from tasks.export import export_module
+    from int8flow.tasks.export import export_module
 
     frozen = copy.deepcopy(module)
     freeze(frozen)
@@ -569,16 +512,16 @@ def export_qdq(source: PyTorchModelSource | HuggingFaceModelSource, module, batc
 # -- the stage -----------------------------------------------------------------------------------------
 
 
-def load_source_module(source: PyTorchModelSource | HuggingFaceModelSource, base_dir: Path | None = None):
-    from tasks.export import load_hf_module, load_pytorch_module
+def load_source_module(source: TorchSource):
+    from int8flow.tasks.export import load_hf_module, load_pytorch_module
 
     if isinstance(source, HuggingFaceModelSource):
         return load_hf_module(source)
-    return load_pytorch_module(source, base_dir)
+    return load_pytorch_module(source)
 
 
 def quantization_aware_training(
-    source: PyTorchModelSource | HuggingFaceModelSource,
+    source: TorchSource,
     variant: QatVariant,
     calibration: Sequence[Batch],
     training: Sequence[Batch],
@@ -586,14 +529,13 @@ def quantization_aware_training(
     out: Path,
     *,
     percentile: float = 99.999,
-    base_dir: Path | None = None,
     on_step: Callable[[StepLog, int], None] | None = None,
 ) -> QatResult:
     """Fake-quantize the source model, set its ranges on `calibration`, fine-tune on `training`, and
     export the result (and, with `compare_untrained`, the untrained one) as QDQ ONNX beside `out`."""
     torch = _torch()
-    from tasks.export import module_input_names
-    from tasks.model import model_size_bytes
+    from int8flow.tasks.export import module_input_names
+    from int8flow.tasks.model import model_size_bytes
 
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -602,7 +544,7 @@ def quantization_aware_training(
         torch.set_num_threads(variant.training.threads)
     try:
         names = module_input_names(source)
-        teacher = load_source_module(source, base_dir)
+        teacher = load_source_module(source)
         student = copy.deepcopy(teacher)
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)

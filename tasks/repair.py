@@ -21,13 +21,10 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper, version_converter
 
-from flows.spec import DynamicVariant, StaticVariant, VariantBase
-from tasks.model import uses_external_data
+from int8flow.tasks.kinds import VariantBase
+from int8flow.tasks.kinds.base import PER_CHANNEL_QDQ_OPSET, QUANTIZATION_OPSET
+from int8flow.tasks.model import uses_external_data
 
-# DequantizeLinear/QuantizeLinear gained `axis` (per-channel) in opset 13.
-PER_CHANNEL_QDQ_OPSET = 13
-# ORT's quantizers themselves ask for opset 11 at least (and upgrade silently, with a warning).
-QUANTIZATION_OPSET = 11
 # Protobuf cannot serialise a single message over 2 GiB.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 
@@ -39,14 +36,8 @@ class RepairedModel:
 
 
 def required_opset(variants: Iterable[VariantBase]) -> int:
-    """The lowest default-domain opset every integer variant in the list can be written in."""
-    needed = 0
-    for variant in variants:
-        if isinstance(variant, StaticVariant):
-            needed = max(needed, PER_CHANNEL_QDQ_OPSET if variant.per_channel else QUANTIZATION_OPSET)
-        elif isinstance(variant, DynamicVariant):
-            needed = max(needed, QUANTIZATION_OPSET)
-    return needed
+    """The lowest default-domain opset every variant in the list can be written in."""
+    return max((variant.min_opset() for variant in variants), default=0)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -61,7 +52,12 @@ def constants_to_initializers(graph: onnx.GraphProto) -> int:
     kept, moved = [], 0
     for node in graph.node:
         value = next((attribute for attribute in node.attribute if attribute.name == "value"), None)
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None and len(node.attribute) == 1:
+        if (
+            node.op_type == "Constant"
+            and node.domain in ("", "ai.onnx")
+            and value is not None
+            and len(node.attribute) == 1
+        ):
             tensor = numpy_helper.from_array(numpy_helper.to_array(value.t), name=node.output[0])
             graph.initializer.append(tensor)
             moved += 1
@@ -104,27 +100,39 @@ def repair_model(model: Path, out: Path, min_opset: int) -> RepairedModel:
     repairs = []
     external = uses_external_data(model)
     if external:
-        repairs.append("external data: the model's tensors live in a separate file; every stage reads and writes it that way")
+        repairs.append(
+            "external data: the model's tensors live in a separate file; every stage reads and writes it that way"
+        )
     moved = constants_to_initializers(proto.graph)
     if moved:
         repairs.append(f"{moved} Constant node(s) turned into initializers, so the quantizers see those weights")
     flattened = flatten_gemm_biases(proto.graph)
     if flattened:
-        repairs.append(f"{flattened} Gemm bias(es) of shape [1, N] reshaped to [N], which ORT's per-channel quantizer handles")
+        repairs.append(
+            f"{flattened} Gemm bias(es) of shape [1, N] reshaped to [N], which ORT's per-channel quantizer handles"
+        )
     opset = default_opset(proto)
     if opset and opset < min_opset:
         try:
             proto = version_converter.convert_version(proto, min_opset)
-        except Exception as error:  # the converter raises bare RuntimeErrors naming the op it cannot adapt
-            repairs.append(f"opset {opset} -> {min_opset} conversion failed ({type(error).__name__}: {str(error).splitlines()[0]}); variants that need it will fail")
+        except Exception as error:  # noqa: BLE001 - the converter raises bare RuntimeErrors naming the op it cannot adapt
+            repairs.append(
+                f"opset {opset} -> {min_opset} conversion failed ({type(error).__name__}: {str(error).splitlines()[0]}); variants that need it will fail"
+            )
         else:
-            repairs.append(f"opset {opset} -> {min_opset} (per-channel QDQ needs DequantizeLinear's `axis`, opset {PER_CHANNEL_QDQ_OPSET})" if min_opset >= PER_CHANNEL_QDQ_OPSET else f"opset {opset} -> {min_opset} (ORT's quantizers need opset {QUANTIZATION_OPSET})")
+            repairs.append(
+                f"opset {opset} -> {min_opset} (per-channel QDQ needs DequantizeLinear's `axis`, opset {PER_CHANNEL_QDQ_OPSET})"
+                if min_opset >= PER_CHANNEL_QDQ_OPSET
+                else f"opset {opset} -> {min_opset} (ORT's quantizers need opset {QUANTIZATION_OPSET})"
+            )
     changed = bool(moved or flattened) or default_opset(proto) != opset
     if not changed:
         return RepairedModel(model, tuple(repairs))
     out.parent.mkdir(parents=True, exist_ok=True)
     if external or proto.ByteSize() > PROTOBUF_LIMIT_BYTES:
-        onnx.save(proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{out.name}.data")
+        onnx.save(
+            proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{out.name}.data"
+        )
     else:
         onnx.save(proto, str(out))
     return RepairedModel(out, tuple(repairs))

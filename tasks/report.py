@@ -6,7 +6,7 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-from tasks.select import Candidate, SelectionResult
+from int8flow.tasks.select import Candidate, SelectionResult
 
 FP32 = "fp32"
 
@@ -28,7 +28,9 @@ def write_table(
                 "size_mb": _fmt(candidate.size_bytes / 1e6 if candidate.size_bytes else None),
                 "pareto": "yes" if candidate.name in result.pareto else "",
                 "selected": "yes" if candidate.name == result.selected else "",
-                "status": "baseline" if verdict is None else ("eligible" if verdict.eligible else "; ".join(verdict.reasons)),
+                "status": "baseline"
+                if verdict is None
+                else ("eligible" if verdict.eligible else "; ".join(verdict.reasons)),
             }
         )
     with out.open("w", newline="") as handle:
@@ -53,19 +55,31 @@ def plot_pareto(
     figure, axes = plt.subplots(figsize=(7, 4.5))
     ran = [c for c in candidates if c.error is None and c.latency_ms is not None]
     for candidate in ran:
+        assert candidate.latency_ms is not None
         on_front = candidate.name in result.pareto
         axes.scatter(
-            candidate.latency_ms, candidate.metrics[metric],
+            candidate.latency_ms,
+            candidate.metrics[metric],
             marker="*" if candidate.name == result.selected else "o",
             s=160 if candidate.name == result.selected else 40,
             color="tab:red" if on_front else "tab:gray",
         )
-        axes.annotate(candidate.name, (candidate.latency_ms, candidate.metrics[metric]), fontsize=7,
-                      xytext=(4, 4), textcoords="offset points")
-    front = sorted((c for c in ran if c.name in result.pareto), key=lambda c: c.latency_ms)
+        axes.annotate(
+            candidate.name,
+            (candidate.latency_ms, candidate.metrics[metric]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    front = sorted((c for c in ran if c.name in result.pareto), key=lambda c: c.latency_ms or 0.0)
     if front:
-        axes.plot([c.latency_ms for c in front], [c.metrics[metric] for c in front], color="tab:red",
-                  linewidth=1, label="Pareto front")
+        axes.plot(
+            [c.latency_ms or 0.0 for c in front],
+            [c.metrics[metric] for c in front],
+            color="tab:red",
+            linewidth=1,
+            label="Pareto front",
+        )
     if fp32.latency_ms is not None:
         axes.scatter(fp32.latency_ms, fp32.metrics[metric], marker="s", color="tab:blue", label="FP32")
     axes.set_xlabel("p50 latency (ms), selection batch size and threads")

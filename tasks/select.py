@@ -1,11 +1,111 @@
-"""Pick the best variant that meets the constraints, and decide whether it beats the alias holder."""
+"""Pick the best variant that meets the constraints, and decide whether it beats the alias holder.
+
+Every rule is decided here and only here: the accuracy constraint (`AccuracyRule`, also used by the
+fallback), the selection constraints and objective, and the alias decision. Rejections are values
+(`Rejection(rule, text)`), so "why was nothing selected" is counted by rule, not found in strings.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal
 
-from flows.spec import Metric, Selection
+from pydantic import Field
+
+from int8flow.tasks.evaluate import Metric
+from int8flow.tasks.options import StrictModel
+
+
+class Selection(StrictModel):
+    metric: str | None = Field(
+        default=None, description="Accuracy metric the constraints use; default: the first metric."
+    )
+    max_drop: float | None = Field(
+        default=None, ge=0, description="Largest accepted accuracy drop vs FP32 (see `drop`)."
+    )
+    drop: Literal["absolute", "relative"] = Field(
+        default="absolute", description="`max_drop` in metric units, or as a fraction of FP32's value."
+    )
+    min_speedup: float = Field(
+        default=1.0,
+        ge=0,
+        le=1000,
+        description="Smallest accepted FP32/variant p50 latency ratio; 1.0 rejects anything slower than FP32.",
+    )
+    max_size_mb: float | None = Field(default=None, gt=0, description="Largest accepted model size.")
+    objective: Literal["latency", "size", "accuracy"] = Field(
+        default="latency", description="What `best` means among the variants that meet the constraints."
+    )
+    latency_tolerance: float = Field(
+        default=0.03,
+        ge=0,
+        lt=1,
+        description="Latencies within this fraction of the fastest count as a tie (timing noise), broken "
+        "by accuracy, then size; the alias also moves only for a speed-up above 1 + this.",
+    )
+    batch_size: int | None = Field(
+        default=None, ge=1, description="Profiled batch size that counts; default: the first."
+    )
+    threads: int | None = Field(
+        default=None, ge=1, description="Profiled thread count that counts; default: the first."
+    )
+
+    def accuracy_rule(self, metric: Metric) -> AccuracyRule:
+        return AccuracyRule(metric, self.max_drop, self.drop == "relative")
+
+
+class Rule(StrEnum):
+    """The rule that rejected a variant."""
+
+    FAILED = "failed"
+    MAX_DROP = "max_drop"
+    MIN_SPEEDUP = "min_speedup"
+    MAX_SIZE = "max_size_mb"
+    NOT_TIMED = "not_timed"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    rule: Rule
+    text: str
+
+
+@dataclass(frozen=True)
+class AccuracyCheck:
+    drop: float
+    passed: bool
+    text: str  # why it failed; empty when it passed
+
+
+@dataclass(frozen=True)
+class AccuracyRule:
+    """The accuracy constraint: drop vs FP32 on the selection metric, at most `max_drop`."""
+
+    metric: Metric
+    max_drop: float | None
+    relative: bool
+
+    def drop(self, value: float, fp32: float) -> float:
+        """How much worse than FP32 (positive = worse), absolute or as a fraction of FP32's value."""
+        drop = (fp32 - value) if self.metric.higher_better else (value - fp32)
+        if self.relative:
+            return drop / abs(fp32) if fp32 else (0.0 if drop <= 0 else math.inf)
+        return drop
+
+    def check(self, metrics: Mapping[str, float], fp32: Mapping[str, float]) -> AccuracyCheck:
+        drop = self.drop(metrics[self.metric.name], fp32[self.metric.name])
+        if self.max_drop is None:
+            return AccuracyCheck(drop, True, "")
+        # NaN never passes: `not (nan <= x)`.
+        if not drop <= self.max_drop:
+            kind = "relative" if self.relative else "absolute"
+            return AccuracyCheck(
+                drop, False, f"{self.metric.name} drop {drop:.4g} > max_drop {self.max_drop:g} ({kind})"
+            )
+        return AccuracyCheck(drop, True, "")
 
 
 @dataclass(frozen=True)
@@ -23,9 +123,22 @@ class Candidate:
 @dataclass(frozen=True)
 class Verdict:
     name: str
-    eligible: bool
-    reasons: tuple[str, ...]  # why not eligible; empty when eligible
+    rejections: tuple[Rejection, ...]  # empty when eligible
     accuracy_drop: float | None = None
+
+    @property
+    def eligible(self) -> bool:
+        return not self.rejections
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return tuple(rejection.text for rejection in self.rejections)
+
+    def rejected_by(self, rule: Rule) -> bool:
+        return any(rejection.rule is rule for rejection in self.rejections)
+
+    def describe(self) -> str:
+        return "eligible" if self.eligible else "; ".join(self.reasons)
 
 
 @dataclass(frozen=True)
@@ -36,42 +149,39 @@ class SelectionResult:
     summary: str
 
 
-def accuracy_drop(value: float, fp32: float, metric: Metric, kind: str) -> float:
-    """How much worse than FP32 (positive = worse), absolute or as a fraction of FP32's value."""
-    drop = (fp32 - value) if metric.higher_better else (value - fp32)
-    if kind == "relative":
-        return drop / abs(fp32) if fp32 else (0.0 if drop <= 0 else float("inf"))
-    return drop
-
-
-def judge(candidate: Candidate, fp32_metrics: dict[str, float], metric: Metric, rules: Selection) -> Verdict:
+def judge(candidate: Candidate, fp32_metrics: Mapping[str, float], accuracy: AccuracyRule, rules: Selection) -> Verdict:
     if candidate.error is not None:
-        return Verdict(candidate.name, False, (f"failed: {candidate.error.splitlines()[0]}",))
-    reasons = []
-    drop = accuracy_drop(candidate.metrics[metric.name], fp32_metrics[metric.name], metric, rules.drop)
-    if rules.max_drop is not None and drop > rules.max_drop:
-        reasons.append(f"{metric.name} drop {drop:.4g} > max_drop {rules.max_drop:g} ({rules.drop})")
+        return Verdict(candidate.name, (Rejection(Rule.FAILED, f"failed: {candidate.error.splitlines()[0]}"),))
+    rejections = []
+    check = accuracy.check(candidate.metrics, fp32_metrics)
+    if not check.passed:
+        rejections.append(Rejection(Rule.MAX_DROP, check.text))
     if candidate.speedup is None:
-        if not reasons:  # a variant that missed the accuracy constraint is not timed at all
-            reasons.append("not profiled")
+        if check.passed:  # a variant that missed the accuracy constraint is not timed at all
+            rejections.append(Rejection(Rule.NOT_TIMED, "not profiled"))
     elif candidate.speedup < rules.min_speedup:
-        reasons.append(f"speed-up {candidate.speedup:.2f}x < min_speedup {rules.min_speedup:g}x")
-    if rules.max_size_mb is not None and (candidate.size_bytes or 0) / 1e6 > rules.max_size_mb:
-        reasons.append(f"size {(candidate.size_bytes or 0) / 1e6:.1f} MB > max_size_mb {rules.max_size_mb:g}")
-    return Verdict(candidate.name, not reasons, tuple(reasons), accuracy_drop=drop)
+        rejections.append(
+            Rejection(Rule.MIN_SPEEDUP, f"speed-up {candidate.speedup:.2f}x < min_speedup {rules.min_speedup:g}x")
+        )
+    size_mb = (candidate.size_bytes or 0) / 1e6
+    if rules.max_size_mb is not None and size_mb > rules.max_size_mb:
+        rejections.append(Rejection(Rule.MAX_SIZE, f"size {size_mb:.1f} MB > max_size_mb {rules.max_size_mb:g}"))
+    return Verdict(candidate.name, tuple(rejections), accuracy_drop=check.drop)
 
 
-def objective_key(candidate: Candidate, metric: Metric, objective: str, fastest_ms: float = 0.0, tolerance: float = 0.0) -> tuple:
+def objective_key(
+    candidate: Candidate, metric: Metric, objective: str, fastest_ms: float = 0.0, tolerance: float = 0.0
+) -> tuple:
     """Smaller is better. For latency, anything within `tolerance` of the fastest is a tie (timing
     noise would otherwise pick a different twin on every run), broken by accuracy, then size."""
     accuracy = candidate.metrics[metric.name] * (-1 if metric.higher_better else 1)
     if objective == "latency":
-        latency = candidate.latency_ms or float("inf")
+        latency = candidate.latency_ms or math.inf
         tied = latency <= fastest_ms * (1 + tolerance)
         return (0.0 if tied else latency, accuracy, candidate.size_bytes or 0, latency)
     if objective == "size":
-        return (candidate.size_bytes or 0, accuracy, candidate.latency_ms or float("inf"))
-    return (accuracy, candidate.latency_ms or float("inf"), candidate.size_bytes or 0)
+        return (candidate.size_bytes or 0, accuracy, candidate.latency_ms or math.inf)
+    return (accuracy, candidate.latency_ms or math.inf, candidate.size_bytes or 0)
 
 
 def pareto_front(candidates: Sequence[Candidate], metric: Metric) -> tuple[str, ...]:
@@ -84,7 +194,7 @@ def pareto_front(candidates: Sequence[Candidate], metric: Metric) -> tuple[str, 
             if metric.higher_better
             else a.metrics[metric.name] <= b.metrics[metric.name]
         )
-        return accuracy_ok and a.latency_ms <= b.latency_ms  # type: ignore[operator]
+        return accuracy_ok and (a.latency_ms or math.inf) <= (b.latency_ms or math.inf)
 
     return tuple(
         c.name
@@ -94,13 +204,14 @@ def pareto_front(candidates: Sequence[Candidate], metric: Metric) -> tuple[str, 
 
 
 def select(
-    candidates: Sequence[Candidate], fp32_metrics: dict[str, float], metric: Metric, rules: Selection
+    candidates: Sequence[Candidate], fp32_metrics: Mapping[str, float], accuracy: AccuracyRule, rules: Selection
 ) -> SelectionResult:
-    verdicts = tuple(judge(candidate, fp32_metrics, metric, rules) for candidate in candidates)
-    eligible = [c for c, verdict in zip(candidates, verdicts) if verdict.eligible]
+    metric = accuracy.metric
+    verdicts = tuple(judge(candidate, fp32_metrics, accuracy, rules) for candidate in candidates)
+    eligible = [c for c, verdict in zip(candidates, verdicts, strict=True) if verdict.eligible]
     pareto = pareto_front(candidates, metric)
     if eligible:
-        fastest = min(c.latency_ms or float("inf") for c in eligible)
+        fastest = min(c.latency_ms or math.inf for c in eligible)
         best = min(eligible, key=lambda c: objective_key(c, metric, rules.objective, fastest, rules.latency_tolerance))
         summary = f"selected {best.name} (best {rules.objective} of {len(eligible)} variant(s) meeting the constraints)"
         return SelectionResult(best.name, verdicts, pareto, summary)
@@ -113,13 +224,13 @@ def select(
 
 def _why_none(candidates: Sequence[Candidate], verdicts: Sequence[Verdict], rules: Selection) -> str:
     """Which rule rejected how many variants, and the fastest accurate-enough one for scale."""
-    failed = sum(c.error is not None for c in candidates)
-    too_inaccurate = sum(any("max_drop" in reason for reason in v.reasons) for v in verdicts)
+    pairs = list(zip(candidates, verdicts, strict=True))
+    too_inaccurate = sum(verdict.rejected_by(Rule.MAX_DROP) for verdict in verdicts)
     accurate_but_slow = [
-        c for c, v in zip(candidates, verdicts)
-        if c.error is None and not any("max_drop" in r for r in v.reasons) and c.speedup is not None and c.speedup < rules.min_speedup
+        c for c, verdict in pairs if verdict.rejected_by(Rule.MIN_SPEEDUP) and not verdict.rejected_by(Rule.MAX_DROP)
     ]
-    too_large = sum(any("max_size_mb" in reason for reason in v.reasons) for v in verdicts)
+    too_large = sum(verdict.rejected_by(Rule.MAX_SIZE) for verdict in verdicts)
+    failed = sum(verdict.rejected_by(Rule.FAILED) for verdict in verdicts)
     parts = []
     if too_inaccurate:
         parts.append(f"{too_inaccurate} over max_drop")
@@ -127,7 +238,7 @@ def _why_none(candidates: Sequence[Candidate], verdicts: Sequence[Verdict], rule
         fastest = max(accurate_but_slow, key=lambda c: c.speedup or 0.0)
         parts.append(
             f"{len(accurate_but_slow)} accurate enough but below min_speedup {rules.min_speedup:g}x "
-            f"(fastest: {fastest.name} at {fastest.speedup:.2f}x)"
+            f"(fastest: {fastest.name} at {fastest.speedup or 0.0:.2f}x)"
         )
     if too_large:
         parts.append(f"{too_large} over max_size_mb")
@@ -136,41 +247,75 @@ def _why_none(candidates: Sequence[Candidate], verdicts: Sequence[Verdict], rule
     return "; ".join(parts) or "see each variant's reasons"
 
 
+# -- the alias --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A registered version as the alias decision sees it."""
+
+    version: str
+    metrics: Mapping[str, float]
+    size_bytes: int | None
+    eval_fingerprint: str | None
+
+
 @dataclass(frozen=True)
 class AliasDecision:
     move: bool
     reason: str
 
 
-def beats_holder(
+def holder_needs_timing(newcomer: Contender, holder: Contender | None, objective: str) -> bool:
+    """Whether deciding needs the holder timed against the newcomer (latency, comparable versions)."""
+    return objective == "latency" and holder is not None and _comparable(newcomer, holder) is None
+
+
+def _comparable(newcomer: Contender, holder: Contender) -> AliasDecision | None:
+    """A decision reached without comparing the two models, or None when they must be compared."""
+    if holder.version == newcomer.version:
+        return AliasDecision(False, f"v{newcomer.version} already holds the alias")
+    if holder.eval_fingerprint != newcomer.eval_fingerprint:
+        return AliasDecision(
+            False,
+            f"v{holder.version} was evaluated on different data (evaluation fingerprints differ); not compared, alias left where it is",
+        )
+    return None
+
+
+def decide_alias(
+    newcomer: Contender,
+    holder: Contender | None,
     objective: str,
     metric: Metric,
-    new_metrics: dict[str, float],
-    new_size_bytes: int,
-    holder_metrics: dict[str, float] | None,
-    holder_size_bytes: int | None,
-    new_vs_holder_speedup: float | None,
+    speedup_vs_holder: float | None = None,
     latency_tolerance: float = 0.0,
 ) -> AliasDecision:
-    """Whether the new version beats the current alias holder on the objective (both on the same data)."""
+    """Whether the newcomer takes the alias from `holder` (None: nobody holds it)."""
+    if holder is None:
+        return AliasDecision(True, "no version held the alias yet")
+    decided = _comparable(newcomer, holder)
+    if decided is not None:
+        return decided
+    against = f"vs v{holder.version}: "
     if objective == "latency":
-        if new_vs_holder_speedup is None:
-            return AliasDecision(False, "the current holder could not be timed against the new version")
+        if speedup_vs_holder is None:
+            return AliasDecision(False, against + "the current holder could not be timed against the new version")
         return AliasDecision(
-            new_vs_holder_speedup > 1.0 + latency_tolerance,
-            f"new version is {new_vs_holder_speedup:.2f}x the holder's speed (timed interleaved, p50; "
+            speedup_vs_holder > 1.0 + latency_tolerance,
+            against + f"new version is {speedup_vs_holder:.2f}x the holder's speed (timed interleaved, p50; "
             f"needs > {1 + latency_tolerance:.2f}x)",
         )
     if objective == "size":
-        if holder_size_bytes is None:
-            return AliasDecision(False, "the current holder has no recorded size")
+        if holder.size_bytes is None or newcomer.size_bytes is None:
+            return AliasDecision(False, against + "the current holder has no recorded size")
         return AliasDecision(
-            new_size_bytes < holder_size_bytes,
-            f"new size {new_size_bytes / 1e6:.2f} MB vs holder {holder_size_bytes / 1e6:.2f} MB",
+            newcomer.size_bytes < holder.size_bytes,
+            against + f"new size {newcomer.size_bytes / 1e6:.2f} MB vs holder {holder.size_bytes / 1e6:.2f} MB",
         )
-    holder_value = (holder_metrics or {}).get(metric.name)
+    holder_value = holder.metrics.get(metric.name)
     if holder_value is None:
-        return AliasDecision(False, f"the current holder has no recorded {metric.name}")
-    new_value = new_metrics[metric.name]
+        return AliasDecision(False, against + f"the current holder has no recorded {metric.name}")
+    new_value = newcomer.metrics[metric.name]
     better = new_value > holder_value if metric.higher_better else new_value < holder_value
-    return AliasDecision(better, f"new {metric.name} {new_value:.4g} vs holder {holder_value:.4g}")
+    return AliasDecision(better, against + f"new {metric.name} {new_value:.4g} vs holder {holder_value:.4g}")

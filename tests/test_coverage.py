@@ -9,10 +9,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import (
-    CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static,
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
 )
 
-from tasks.coverage import CLASSES, op_coverage, slow_int8_warnings
+from int8flow.tasks.coverage import CLASSES, op_coverage, slow_int8_warnings
 
 SHAPE = (1, 8, 16, 16)
 
@@ -69,7 +73,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
         {"wt": (0.2 * rng.standard_normal((8, 8, 3, 3))).astype(np.float32)},
     )
     quantize_static(
-        transpose, folder / "transpose_qdq.onnx", _RandomInputs(), quant_format=QuantFormat.QDQ,
+        transpose,
+        folder / "transpose_qdq.onnx",
+        _RandomInputs(),
+        quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["ConvTranspose", "Relu"],
     )
     return {name: folder / f"{name}.onnx" for name in ("fp32", "dynamic", "static", "transpose_qdq")}

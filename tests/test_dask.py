@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 from mlflow.tracking import MlflowClient
+from test_pipeline_e2e import runs_of, spec_file
 from typer.testing import CliRunner
 
-from flows.cli import app
-from test_pipeline_e2e import runs_of, spec_file
+from int8flow.flows.cli import app
 
 pytest.importorskip("prefect_dask", reason="the [dask] extra")
 runner = CliRunner()

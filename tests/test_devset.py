@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 from mlflow.tracking import MlflowClient
+from test_flagships import PIPELINES
 from typer.testing import CliRunner
 
-from flows.cli import app
-from test_flagships import PIPELINES
+from int8flow.flows.cli import app
 
 runner = CliRunner()
 
@@ -39,7 +39,12 @@ def _check_outcome(client: MlflowClient, experiment: str, model_name: str) -> di
         assert by_id[step.data.tags["mlflow.parentRunId"]].info.run_name == step.data.tags["int8flow.fallback_of"]
     for run in variants + steps:
         verdict = run.data.tags["int8flow.verdict"]
-        assert verdict == "eligible" or verdict  # a rejected variant says which rule rejected it
+        eligible = run.data.tags["int8flow.eligible"] == "true"
+        assert eligible == (verdict == "eligible"), verdict
+        if not eligible:  # a rejected variant says which rule rejected it
+            assert any(
+                rule in verdict for rule in ("max_drop", "min_speedup", "max_size_mb", "failed:", "not profiled")
+            ), verdict
     selected = [run for run in runs if run.data.tags.get("int8flow.selected") == "true"]
     if selected:
         (run,) = selected
@@ -72,8 +77,10 @@ def test_silero_vad_fallback_recovers_a_collapsed_static_variant(mlflow_store):
     assert client.list_artifacts(per_channel.info.run_id, "fallback")
     # ... and keeping its worst nodes in float, chosen by measured error, brings it within it
     recovered = [
-        run for run in outcome["steps"]
-        if run.data.tags["int8flow.fallback_of"] == per_channel.info.run_name and run.data.metrics["frame_accuracy_drop"] <= 0.01
+        run
+        for run in outcome["steps"]
+        if run.data.tags["int8flow.fallback_of"] == per_channel.info.run_name
+        and run.data.metrics["frame_accuracy_drop"] <= 0.01
     ]
     assert recovered
     kept = recovered[0].data.tags["int8flow.kept_in_float"].split(",")

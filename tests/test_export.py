@@ -12,10 +12,13 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is the optional [torch] extra")
 
-from flows.spec import DataSource, HuggingFaceModelSource, PyTorchModelSource  # noqa: E402
-from tasks.data import load_dataset  # noqa: E402
-from tasks.export import ParityError, declared_input_dtypes, export_huggingface, export_pytorch, hf_tokenizer  # noqa: E402
-from tasks.model import inspect_model  # noqa: E402
+from int8flow.tasks.data import (
+    DataSource,
+    load_dataset,
+)
+from int8flow.tasks.export import ParityError, declared_input_dtypes, export_huggingface, export_pytorch, hf_tokenizer
+from int8flow.tasks.model import inspect_model
+from int8flow.tasks.sources import HuggingFaceModelSource, PyTorchModelSource
 
 TINY_NET = """
 import torch
@@ -75,7 +78,7 @@ def test_pytorch_export_with_checkpoint_matches_torch(tmp_path, digits_model):
     np.savez(npz, images=pixels)
     data = load_dataset(DataSource(path=npz, batch_size=16), declared_input_dtypes(source))
 
-    exported = export_pytorch(source, data.batches, tmp_path / "out" / "model.onnx", tmp_path)
+    exported = export_pytorch(source, data.batches, tmp_path / "out" / "model.onnx")
 
     assert exported.parity_max_abs_diff < 1e-5
     info = inspect_model(exported.path)
@@ -95,7 +98,7 @@ def test_parity_check_catches_a_traced_away_branch(tmp_path):
     np.savez(npz, images=np.concatenate([rng.uniform(0, 1, (8, 1, 8, 8)), -rng.uniform(0, 1, (8, 1, 8, 8))]))
     data = load_dataset(DataSource(path=npz, batch_size=8), declared_input_dtypes(source))
     with pytest.raises(ParityError, match="parity_tolerance"):
-        export_pytorch(source, data.batches, tmp_path / "out" / "model.onnx", tmp_path)
+        export_pytorch(source, data.batches, tmp_path / "out" / "model.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +109,9 @@ def tiny_bert(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     BertModel(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(gt.get_model_path()).save_pretrained(folder)
     return folder
@@ -129,7 +134,7 @@ def test_huggingface_sentence_embedding_export_pools_in_graph(tmp_path, tiny_ber
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
-    from tasks.export import load_hf_module
+    from int8flow.tasks.export import load_hf_module
 
     module = load_hf_module(source)
     encoded = {k: v[:, :10] for k, v in tokenize(["Different length input here", "x"]).items()}
@@ -148,16 +153,16 @@ def test_onnx_only_path_works_without_torch(digits_model, tmp_path):
         sys.modules["torch"] = None
         sys.modules["transformers"] = None
         from pathlib import Path
-        import flows.cli, flows.pipeline
-        from flows.spec import DataSource, DynamicVariant, Preprocess
-        from tasks.data import load_dataset
-        from tasks.model import inspect_model
-        from tasks.preprocess import preprocess
-        from tasks.quantize import quantize
-        from tasks.evaluate import run_model
+        import int8flow.flows.cli, int8flow.flows.pipeline
+        from int8flow.tasks.data import DataSource, load_dataset
+        from int8flow.tasks.kinds import DynamicVariant, MakeJob
+        from int8flow.tasks.model import inspect_model
+        from int8flow.tasks.preprocess import Preprocess, preprocess
+        from int8flow.tasks.quantize import quantize
+        from int8flow.tasks.evaluate import run_model
         info = inspect_model(Path({str(digits_model.model)!r}))
         pre = preprocess(info.path, Preprocess(), Path({str(tmp_path)!r}) / "pre.onnx")
-        q = quantize(pre.path, DynamicVariant(kind="dynamic", name="d"), {{}}, Path({str(tmp_path)!r}) / "q.onnx")
+        q = quantize(pre.path, DynamicVariant(kind="dynamic", name="d"), MakeJob(Path({str(tmp_path)!r}) / "q.onnx", {{}}))
         run_model(q.path, load_dataset(DataSource(path=Path({str(digits_model.evaluation)!r})), info.input_dtypes))
         """
     )
@@ -169,7 +174,9 @@ def tiny_bert_onnx(tiny_bert, tmp_path_factory):
     work = tmp_path_factory.mktemp("tiny-bert-onnx")
     source = HuggingFaceModelSource.model_validate({"source": "huggingface", "path": str(tiny_bert), "max_length": 32})
     texts = work / "texts.txt"
-    texts.write_text("\n".join(f"Sentence number {i} talks about {'cats' if i % 2 else 'the weather today'}." for i in range(24)))
+    texts.write_text(
+        "\n".join(f"Sentence number {i} talks about {'cats' if i % 2 else 'the weather today'}." for i in range(24))
+    )
     tokenize = hf_tokenizer(source)
     data = load_dataset(DataSource(texts=texts, batch_size=8), declared_input_dtypes(source), tokenize=tokenize)
     exported = export_huggingface(source, data.batches, work / "model.onnx")
@@ -179,15 +186,18 @@ def tiny_bert_onnx(tiny_bert, tmp_path_factory):
 def test_transformer_fusion_options_shape_the_fused_graph_and_its_int8_variant(tiny_bert_onnx, tmp_path):
     import onnx
 
-    from flows.spec import DynamicVariant, Metric, TransformerFusion
-    from tasks.evaluate import evaluate_model, run_model
-    from tasks.preprocess import fuse_transformer
-    from tasks.quantize import quantize
+    from int8flow.tasks.evaluate import Metric, evaluate_model, run_model
+    from int8flow.tasks.kinds import DynamicVariant, MakeJob
+    from int8flow.tasks.preprocess import TransformerFusion, fuse_transformer
+    from int8flow.tasks.quantize import quantize
 
     model, data = tiny_bert_onnx
     options = TransformerFusion(
-        num_heads=2, hidden_size=32, disable=["skip_layer_norm", "bias_skip_layer_norm", "embed_layer_norm"],
-        mask_filter_value=-30.0, strip_value_info=True,
+        num_heads=2,
+        hidden_size=32,
+        disable=["skip_layer_norm", "bias_skip_layer_norm", "embed_layer_norm"],
+        mask_filter_value=-30.0,
+        strip_value_info=True,
     )
     fused = fuse_transformer(model, options, tmp_path / "fused" / "model.onnx")
     assert fused.fused_ops.get("Attention") == 2, fused.fused_ops  # one per layer
@@ -196,7 +206,12 @@ def test_transformer_fusion_options_shape_the_fused_graph_and_its_int8_variant(t
     assert "SkipLayerNormalization" not in ops and "EmbedLayerNormalization" not in ops
     assert not graph.value_info
     attention = [n for n in graph.node if n.op_type == "Attention"]
-    assert all(onnx.helper.get_attribute_value(a) == -30.0 for n in attention for a in n.attribute if a.name == "mask_filter_value")
+    assert all(
+        onnx.helper.get_attribute_value(a) == -30.0
+        for n in attention
+        for a in n.attribute
+        if a.name == "mask_filter_value"
+    )
 
     # the fused FP32 graph computes the same embeddings, padding included
     reference = run_model(model, data)
@@ -204,8 +219,10 @@ def test_transformer_fusion_options_shape_the_fused_graph_and_its_int8_variant(t
     assert evaluate_model(fused.path, data, reference, metrics).metrics["cosine_min"] > 0.99999
 
     # dynamic int8 of the fused graph: contrib ops get float as default type, QAttention keeps the edits
-    variant = DynamicVariant(kind="dynamic", name="q", fused=True, per_channel=True, op_types=["MatMul", "Attention", "Gather"])
-    result = quantize(fused.path, variant, {}, tmp_path / "q" / "model.onnx", options)
+    variant = DynamicVariant(
+        kind="dynamic", name="q", fused=True, per_channel=True, op_types=["MatMul", "Attention", "Gather"]
+    )
+    result = quantize(fused.path, variant, MakeJob(tmp_path / "q" / "model.onnx", {}, options))
     assert any("DefaultTensorType" in note for note in result.notes)
     quantized = onnx.load(str(result.path)).graph
     assert {"QAttention", "DynamicQuantizeLinear"} <= {n.op_type for n in quantized.node} and not quantized.value_info

@@ -9,11 +9,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from flows.spec import AccuracyFallback, DynamicVariant, Metric
-from tasks.data import Batch, Dataset
-from tasks.evaluate import evaluate_model, run_model
-from tasks.fallback import accuracy_fallback, next_count, rank_nodes
-from tasks.quantize import quantize
+from int8flow.tasks.data import Batch, Dataset
+from int8flow.tasks.evaluate import Metric, evaluate_model, run_model
+from int8flow.tasks.fallback import AccuracyFallback, accuracy_fallback, next_count, rank_nodes
+from int8flow.tasks.kinds import DynamicVariant, MakeJob
+from int8flow.tasks.quantize import quantize
+from int8flow.tasks.select import AccuracyRule
 
 COSINE = Metric(name="cosine")
 
@@ -38,7 +39,11 @@ def _mlp_with_an_outlier_layer(path: Path) -> Path:
         "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-        [numpy_helper.from_array(first, "first"), numpy_helper.from_array(middle, "middle"), numpy_helper.from_array(last, "last")],
+        [
+            numpy_helper.from_array(first, "first"),
+            numpy_helper.from_array(middle, "middle"),
+            numpy_helper.from_array(last, "last"),
+        ],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
@@ -52,29 +57,34 @@ def setup(tmp_path_factory):
     data = Dataset(tuple(Batch({"x": rng.normal(size=(16, 16)).astype(np.float32)}) for _ in range(4)), "test")
     reference = run_model(model, data)
     variant = DynamicVariant(kind="dynamic", name="dynamic", reduce_range=False, weight_type="QInt8")
-    quantized = quantize(model, variant, {}, work / "dynamic.onnx")
+    quantized = quantize(model, variant, MakeJob(work / "dynamic.onnx", {}))
     return work, model, data, reference, variant, quantized
 
 
 def _run(setup, max_drop: float, budget: AccuracyFallback, bisect: bool = True):
     work, model, data, reference, variant, quantized = setup
     return accuracy_fallback(
-        variant, model, quantized.path, data,
-        quantize_step=lambda step, out: quantize(model, step, {}, out),
+        variant,
+        model,
+        quantized.path,
+        data,
+        quantize_step=lambda step, out: quantize(model, step, MakeJob(out, {})),
         evaluate_step=lambda path: evaluate_model(path, data, reference, [COSINE]),
-        drop_of=lambda evaluation: 1.0 - evaluation.metrics["cosine"],
-        max_drop=max_drop, budget=budget, bisect=bisect, work=work / f"steps-{max_drop}-{budget.max_steps}",
+        check=lambda scores: AccuracyRule(COSINE, max_drop, relative=False).check(scores.metrics, {"cosine": 1.0}),
+        budget=budget,
+        bisect=bisect,
+        work=work / f"steps-{max_drop}-{budget.max_steps}",
     )
 
 
 def test_the_outlier_layer_breaks_plain_dynamic_quantization(setup):
-    work, model, data, reference, variant, quantized = setup
+    _work, _model, data, reference, _variant, quantized = setup
     cosine = evaluate_model(quantized.path, data, reference, [COSINE]).metrics["cosine"]
     assert cosine < 0.99
 
 
 def test_nodes_are_ranked_by_their_own_quantization_error(setup):
-    work, model, data, reference, variant, quantized = setup
+    _work, model, data, _reference, variant, quantized = setup
     feeds = [{"x": batch.inputs["x"][:1]} for batch in data.batches]
     ranking = rank_nodes(model, quantized.path, variant, feeds)
     assert [error.node for error in ranking][:1] == ["middle_layer"]

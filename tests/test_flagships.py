@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
+from int8flow.flows.cli import app
 
 pytest.importorskip("torch", reason="the flagships export from PyTorch / Hugging Face ([torch] extra)")
 PIPELINES = Path(__file__).parent.parent / "pipelines"

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
+from int8flow.flows.cli import app
 
 pytestmark = pytest.mark.e2e
 runner = CliRunner()
@@ -21,8 +21,9 @@ def spec_file(directory: Path, digits_model, **overrides: str) -> Path:
         "registry": "registry: {model_name: digits-mlp}",
         "profiling": "profiling: {batch_sizes: [1, 16], threads: [1], warmup: 2, runs: 10}",
     } | overrides
-    text = textwrap.dedent(
-        f"""\
+    text = (
+        textwrap.dedent(
+            f"""\
         name: digits-e2e
         model: {{source: onnx, path: {digits_model.model}}}
         calibration: {{data: {{path: {digits_model.calibration}}}, method: minmax, samples: 64}}
@@ -41,7 +42,10 @@ def spec_file(directory: Path, digits_model, **overrides: str) -> Path:
             activation_type: QInt8
             weight_type: QUInt8
         """
-    ) + "\n".join(sections.values()) + "\n"
+        )
+        + "\n".join(sections.values())
+        + "\n"
+    )
     path = directory / "digits.yaml"
     path.write_text(text)
     return path
@@ -81,8 +85,11 @@ def test_pipeline_logs_every_variant_registers_and_promotes_once(tmp_path, digit
     # and one nested run per variant; the broken one FAILED with its error, the rest finished
     by_name = {run.info.run_name: run for run in children}
     assert set(by_name) == {
-        "dynamic-qint8-per-tensor", "dynamic-qint8-per-channel", "static-qdq-u8s8-per-channel-minmax",
-        "fp16", "deliberately-broken",
+        "dynamic-qint8-per-tensor",
+        "dynamic-qint8-per-channel",
+        "static-qdq-u8s8-per-channel-minmax",
+        "fp16",
+        "deliberately-broken",
     }
     broken = by_name.pop("deliberately-broken")
     assert broken.info.status == "FAILED"
@@ -90,14 +97,27 @@ def test_pipeline_logs_every_variant_registers_and_promotes_once(tmp_path, digit
     for name, run in by_name.items():
         assert run.info.status == "FINISHED", name
         metrics = run.data.metrics
-        assert {"top1", "top1_drop", "cosine", "mae", "b1_t1_p50_ms", "b16_t1_p90_ms", "b1_t1_speedup", "size_mb", "compression_ratio"} <= set(metrics)
+        assert {
+            "top1",
+            "top1_drop",
+            "cosine",
+            "mae",
+            "b1_t1_p50_ms",
+            "b16_t1_p90_ms",
+            "b1_t1_speedup",
+            "size_mb",
+            "compression_ratio",
+        } <= set(metrics)
         assert client.list_artifacts(run.info.run_id, "quantized")
     assert by_name["static-qdq-u8s8-per-channel-minmax"].data.metrics["ops.count.integer"] >= 2
     assert by_name["dynamic-qint8-per-channel"].data.params["per_channel"] == "true"
 
-    # the smallest eligible variant is selected, registered, and holds the alias
+    # the smallest eligible variant is selected (objective: size), registered, and holds the alias
     selected = [run for run in by_name.values() if run.data.tags["int8flow.selected"] == "true"]
     assert len(selected) == 1
+    eligible = [run for run in by_name.values() if run.data.tags["int8flow.eligible"] == "true"]
+    assert len(eligible) >= 2, "the choice must be between several variants"
+    assert selected[0].data.metrics["size_mb"] == min(run.data.metrics["size_mb"] for run in eligible)
     assert tags["int8flow.selected"] == selected[0].info.run_name
     versions = client.search_model_versions("name='digits-mlp'")
     assert len(versions) == 1 and versions[0].run_id == selected[0].info.run_id
@@ -156,7 +176,9 @@ def test_data_that_does_not_fit_the_model_exits_2_with_a_failed_run(tmp_path, di
     assert client.search_registered_models() == []
 
 
-def test_alias_stays_with_a_better_holder_and_is_not_compared_across_evaluation_sets(tmp_path, digits_model, mlflow_store):
+def test_alias_stays_with_a_better_holder_and_is_not_compared_across_evaluation_sets(
+    tmp_path, digits_model, mlflow_store
+):
     client = MlflowClient(mlflow_store)
     # given a champion: the smallest variant (dynamic int8) of a first run
     first = runner.invoke(app, ["run", str(spec_file(tmp_path, digits_model))])
@@ -166,7 +188,7 @@ def test_alias_stays_with_a_better_holder_and_is_not_compared_across_evaluation_
     # when a later run can only offer fp16 (bigger) on the same evaluation data
     only_fp16 = spec_file(tmp_path, digits_model)
     text = only_fp16.read_text()
-    variants = text[text.index("variants:"):text.index("selection:")]
+    variants = text[text.index("variants:") : text.index("selection:")]
     only_fp16.write_text(text.replace(variants, "variants:\n  - kind: fp16\n"))
     second = runner.invoke(app, ["run", str(only_fp16)])
     # then fp16 is registered as its own version, but the alias stays with the better holder

@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
 
-from flows.spec import DynamicVariant, Fp16Variant, StaticVariant
-from tasks.repair import default_opset, repair_model, required_opset
+from int8flow.tasks.kinds import DynamicVariant, Fp16Variant, StaticVariant
+from int8flow.tasks.repair import default_opset, repair_model, required_opset
 
 RNG = np.random.default_rng(7)
 
@@ -60,7 +60,9 @@ def test_per_channel_qdq_needs_opset_13_and_the_repair_upgrades_the_model(tmp_pa
     assert needed == 13 and default_opset(onnx.load(str(repaired.path))) == 13
     assert any("opset 11 -> 13" in note for note in repaired.repairs)
     x = RNG.normal(size=(1, 3, 8, 8)).astype(np.float32)
-    np.testing.assert_allclose(_load(repaired.path).run(None, {"x": x})[0], _load(model).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        _load(repaired.path).run(None, {"x": x})[0], _load(model).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5
+    )
     quantize_static(repaired.path, tmp_path / "fixed.onnx", _Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
     assert _load(tmp_path / "fixed.onnx").run(None, {"x": x})[0].shape == (1, 8, 8, 8)
 
@@ -89,7 +91,9 @@ def _constant_weight_model(path: Path) -> Path:
 
 
 def _integer_ops(path: Path) -> list[str]:
-    return [n.op_type for n in onnx.load(str(path)).graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    return [
+        n.op_type for n in onnx.load(str(path)).graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
+    ]
 
 
 def test_constant_weights_become_initializers_so_dynamic_quantization_sees_them(tmp_path):

@@ -12,9 +12,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.spec import PipelineSpec, StaticVariant
-from flows.specfile import SpecError, load_spec
+from int8flow.flows.cli import app
+from int8flow.flows.spec import PipelineSpec
+from int8flow.flows.specfile import SpecError, load_spec
+from int8flow.tasks.kinds import StaticVariant
 
 SPECS = Path(__file__).parent / "specs"
 REPO = Path(__file__).parent.parent
@@ -98,17 +99,21 @@ def test_valid_spec_resolves_grid_names_and_calibration_defaults(tmp_path, digit
 
 
 def test_spec_models_are_strict_and_frozen(digits_model):
-    with pytest.raises(Exception):
-        PipelineSpec.model_validate({"name": "x", "surprise": 1}, context={"check_paths": False})
-    spec = PipelineSpec.model_validate(
-        {
-            "name": "x",
-            "model": {"source": "onnx", "path": str(digits_model.model)},
-            "evaluation": {"data": {"path": str(digits_model.evaluation)}},
-            "variants": [{"kind": "fp16"}],
-        }
-    )
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    valid = {
+        "name": "x",
+        "model": {"source": "onnx", "path": str(digits_model.model)},
+        "evaluation": {"data": {"path": str(digits_model.evaluation)}},
+        "variants": [{"kind": "fp16"}],
+    }
+    spec = PipelineSpec.model_validate(valid)
+    # an extra key anywhere is the one and only error (the rest of the spec is valid)
+    for extra in ({**valid, "surprise": 1}, {**valid, "variants": [{"kind": "fp16", "surprise": 1}]}):
+        with pytest.raises(ValidationError) as raised:
+            PipelineSpec.model_validate(extra)
+        assert [error["type"] for error in raised.value.errors()] == ["extra_forbidden"]
+    with pytest.raises(ValidationError, match="frozen"):
         spec.name = "y"  # type: ignore[misc]
 
 
@@ -133,8 +138,7 @@ def test_every_pipeline_in_repo_validates_and_points_at_the_schema():
 
 
 def test_npz_folder_and_callable_sources(tmp_path, digits_model):
-    from flows.spec import DataSource
-    from tasks.data import DataError, load_dataset
+    from int8flow.tasks.data import DataError, DataSource, load_dataset
 
     dtypes = {"pixels": np.dtype("float32")}
     from_npz = load_dataset(DataSource(path=digits_model.evaluation, batch_size=50, limit=120), dtypes)
@@ -156,7 +160,7 @@ def test_npz_folder_and_callable_sources(tmp_path, digits_model):
         "        yield {'pixels': np.full((4, 64), i, np.float32)}, np.arange(4)\n"
     )
     source = DataSource.model_validate({"callable": "mydata:batches"}, context={"base_dir": tmp_path})
-    from_callable = load_dataset(source, dtypes, base_dir=tmp_path)
+    from_callable = load_dataset(source, dtypes)
     assert from_callable.samples == 12 and from_callable.labels().tolist() == [0, 1, 2, 3] * 3
     assert from_callable.fingerprint != from_npz.fingerprint
 

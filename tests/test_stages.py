@@ -9,19 +9,24 @@ import numpy as np
 import onnx
 import pytest
 
-from flows.spec import HARDWARE_PRESETS, Calibration, DataSource, DynamicVariant, Fp16Variant, Metric, Preprocess, Selection, StaticVariant, WeightOnlyInt4Variant
-from tasks.hardware import detect, preset_for
-from tasks.calibrate import calibrate
-from tasks.data import load_dataset
-from tasks.evaluate import evaluate, evaluate_model, run_model
-from tasks.coverage import op_coverage
-from tasks.model import inspect_model
-from tasks.preprocess import preprocess
-from tasks.profile import input_feed, profile_pair
-from tasks.quantize import QuantizationError, quantize
-from tasks.select import Candidate, beats_holder, pareto_front, select
+from int8flow.tasks.calibrate import Calibration, CalibrationKey, calibrate
+from int8flow.tasks.coverage import op_coverage
+from int8flow.tasks.data import DataSource, load_dataset
+from int8flow.tasks.evaluate import Metric, evaluate, evaluate_model, run_model
+from int8flow.tasks.hardware import HARDWARE_PRESETS, detect, preset_for
+from int8flow.tasks.kinds import DynamicVariant, Fp16Variant, MakeJob, StaticVariant, WeightOnlyInt4Variant
+from int8flow.tasks.model import Graph, inspect_model
+from int8flow.tasks.preprocess import Preprocess, preprocess
+from int8flow.tasks.profile import input_feed, profile_pair
+from int8flow.tasks.quantize import QuantizationError, quantize
+from int8flow.tasks.select import AccuracyRule, Candidate, Contender, Selection, decide_alias, pareto_front, select
 
 METRICS = [Metric(name="top1"), Metric(name="cosine"), Metric(name="mae")]
+
+
+def job(out: Path, ranges: dict | None = None) -> MakeJob:
+    """Where a variant goes, with shared calibration ranges keyed by method (on the pre-processed graph)."""
+    return MakeJob(out, {CalibrationKey(method, Graph.PREPROCESSED): r for method, r in (ranges or {}).items()})
 
 
 @pytest.fixture(scope="module")
@@ -42,22 +47,26 @@ def test_inspect_model_reports_io_and_hash(digits_model):
 
 
 def test_fp32_evaluation_matches_the_fitted_model(prepared, digits_model):
-    info, pre, evaluation, _, reference, _ = prepared
+    _info, _pre, evaluation, _, reference, _ = prepared
     scores = evaluate(reference, reference, evaluation, METRICS).metrics
     assert scores["top1"] == pytest.approx(digits_model.fp32_top1)
     assert scores["cosine"] == pytest.approx(1.0) and scores["mae"] == 0.0
 
 
 def test_calibration_once_is_reused_by_static_variants(prepared):
-    info, pre, evaluation, calibration, reference, work = prepared
-    ranges = calibrate(pre.path, calibration, "minmax", Calibration(data=DataSource(path=pre.path)), work / "minmax.json")
+    _info, pre, evaluation, calibration, reference, work = prepared
+    ranges = calibrate(
+        pre.path, calibration, "minmax", Calibration(data=DataSource(path=pre.path)), work / "minmax.json"
+    )
     cached = json.loads(ranges.path.read_text())
     assert ranges.samples == 128 and ranges.tensors > 0 and cached
     # given ranges computed once, when two static variants quantize, then neither calibrates again:
     # ORT receives no data reader at all, only the cache file.
     for per_channel in (False, True):
-        variant = StaticVariant(kind="static", name=f"s{per_channel}", per_channel=per_channel, calibration_method="minmax")
-        result = quantize(pre.path, variant, {"minmax": ranges}, work / f"static{per_channel}" / "model.onnx")
+        variant = StaticVariant(
+            kind="static", name=f"s{per_channel}", per_channel=per_channel, calibration_method="minmax"
+        )
+        result = quantize(pre.path, variant, job(work / f"static{per_channel}" / "model.onnx", {"minmax": ranges}))
         coverage = op_coverage(result.path, input_feed(evaluation, 4))
         assert coverage.total("integer") >= 2, coverage.counts  # both dense layers run as integer kernels
         scores = evaluate_model(result.path, evaluation, reference, METRICS).metrics
@@ -67,24 +76,40 @@ def test_calibration_once_is_reused_by_static_variants(prepared):
 def test_shared_ranges_give_the_same_model_as_ort_calibrating_itself(prepared):
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize_static
 
-    from tasks.calibrate import DatasetReader
+    from int8flow.tasks.calibrate import DatasetReader
 
-    info, pre, evaluation, calibration, reference, work = prepared
-    ranges = calibrate(pre.path, calibration, "entropy", Calibration(data=DataSource(path=pre.path)), work / "entropy.json")
+    _info, pre, _evaluation, calibration, _reference, work = prepared
+    ranges = calibrate(
+        pre.path, calibration, "entropy", Calibration(data=DataSource(path=pre.path)), work / "entropy.json"
+    )
     variant = StaticVariant(kind="static", name="shared", per_channel=True, calibration_method="entropy")
-    ours = quantize(pre.path, variant, {"entropy": ranges}, work / "shared" / "model.onnx")
+    ours = quantize(pre.path, variant, job(work / "shared" / "model.onnx", {"entropy": ranges}))
 
-    quantize_static(pre.path, work / "ort_own.onnx", DatasetReader(calibration), per_channel=True, activation_type=QuantType.QUInt8,
-                    calibrate_method=CalibrationMethod.Entropy)
-    scales = lambda path: {t.name: onnx.numpy_helper.to_array(t).tolist() for t in onnx.load(str(path)).graph.initializer if "scale" in t.name or "zero_point" in t.name}  # noqa: E731
+    quantize_static(
+        pre.path,
+        work / "ort_own.onnx",
+        DatasetReader(calibration),
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        calibrate_method=CalibrationMethod.Entropy,
+    )
+
+    def scales(path: Path) -> dict:
+        graph = onnx.load(str(path)).graph
+        return {
+            t.name: onnx.numpy_helper.to_array(t).tolist()
+            for t in graph.initializer
+            if "scale" in t.name or "zero_point" in t.name
+        }
+
     assert scales(ours.path) == scales(work / "ort_own.onnx")
 
 
 def test_static_without_ranges_for_its_method_fails_clearly(prepared):
-    info, pre, *_, work = prepared
+    _info, pre, *_, work = prepared
     variant = StaticVariant(kind="static", name="s", calibration_method="entropy")
     with pytest.raises(QuantizationError, match="no entropy calibration ranges"):
-        quantize(pre.path, variant, {}, work / "nope" / "model.onnx")
+        quantize(pre.path, variant, job(work / "nope" / "model.onnx"))
 
 
 THIS_CPU = HARDWARE_PRESETS[preset_for(detect())]
@@ -95,8 +120,16 @@ THIS_CPU = HARDWARE_PRESETS[preset_for(detect())]
     [
         # With this CPU's preset: without VNNI, full 8-bit per-channel weights saturate ORT's u8s8
         # kernels (0.976 -> 0.957 on an AVX2-only EPYC) and reduce_range brings it back (0.981).
-        (DynamicVariant(kind="dynamic", name="d", reduce_range=THIS_CPU.reduce_range), {"MatMulInteger", "DynamicQuantizeLinear"}, 0.02),
-        (DynamicVariant(kind="dynamic", name="dpc", per_channel=True, reduce_range=THIS_CPU.reduce_range), {"MatMulInteger", "DynamicQuantizeLinear"}, 0.02),
+        (
+            DynamicVariant(kind="dynamic", name="d", reduce_range=THIS_CPU.reduce_range),
+            {"MatMulInteger", "DynamicQuantizeLinear"},
+            0.02,
+        ),
+        (
+            DynamicVariant(kind="dynamic", name="dpc", per_channel=True, reduce_range=THIS_CPU.reduce_range),
+            {"MatMulInteger", "DynamicQuantizeLinear"},
+            0.02,
+        ),
         # 4-bit weights cost this small network ~7 points (0.976 -> 0.907): int4 is for big MatMuls
         (WeightOnlyInt4Variant(kind="weight_only_int4", name="w4"), {"MatMulNBits"}, 0.10),
     ],
@@ -104,7 +137,7 @@ THIS_CPU = HARDWARE_PRESETS[preset_for(detect())]
 def test_weight_quantizing_kinds_write_integer_ops(prepared, digits_model, variant, expected_ops, max_top1_drop):
     info, pre, evaluation, _, reference, work = prepared
     source = pre.path if variant.kind == "dynamic" else digits_model.model
-    result = quantize(source, variant, {}, work / variant.name / "model.onnx")
+    result = quantize(source, variant, job(work / variant.label / "model.onnx"))
     graph_ops = {node.op_type for node in onnx.load(str(result.path)).graph.node}
     assert expected_ops <= graph_ops, graph_ops
     assert "MatMul" not in graph_ops  # every weight MatMul was converted
@@ -115,16 +148,16 @@ def test_weight_quantizing_kinds_write_integer_ops(prepared, digits_model, varia
 
 def test_fp16_halves_the_weights_and_keeps_float32_io(prepared, digits_model):
     info, _, evaluation, _, reference, work = prepared
-    result = quantize(digits_model.model, Fp16Variant(kind="fp16", name="h"), {}, work / "fp16" / "model.onnx")
+    result = quantize(digits_model.model, Fp16Variant(kind="fp16", name="h"), job(work / "fp16" / "model.onnx"))
     assert result.size_bytes < info.size_bytes * 0.6
     assert inspect_model(result.path).inputs[0].dtype == "float32"
     assert evaluate_model(result.path, evaluation, reference, METRICS).metrics["cosine"] > 0.9999
 
 
 def test_fp16_without_kept_io_types_gets_float16_inputs(prepared, digits_model):
-    info, _, evaluation, _, reference, work = prepared
+    _info, _, evaluation, _, reference, work = prepared
     variant = Fp16Variant(kind="fp16", name="h16", keep_io_types=False)
-    result = quantize(digits_model.model, variant, {}, work / "fp16-io" / "model.onnx")
+    result = quantize(digits_model.model, variant, job(work / "fp16-io" / "model.onnx"))
     assert inspect_model(result.path).inputs[0].dtype == "float16"
     assert evaluate_model(result.path, evaluation, reference, METRICS).metrics["top1"] >= digits_model.fp32_top1 - 0.01
     pair = profile_pair(digits_model.model, result.path, input_feed(evaluation, 4), threads=1, warmup=1, runs=5)
@@ -132,7 +165,7 @@ def test_fp16_without_kept_io_types_gets_float16_inputs(prepared, digits_model):
 
 
 def test_profile_pair_interleaves_same_feed(prepared, digits_model):
-    info, pre, evaluation, *_ = prepared
+    _info, _pre, evaluation, *_ = prepared
     feed = input_feed(evaluation, 32)
     assert feed["pixels"].shape == (32, 64)
     pair = profile_pair(digits_model.model, digits_model.model, feed, threads=1, warmup=2, runs=20)
@@ -152,34 +185,57 @@ def test_selection_applies_each_constraint_and_says_why():
         Candidate("crashed", error="QuantizationError: boom"),
     ]
     rules = Selection(max_drop=0.01, min_speedup=1.0, objective="latency", latency_tolerance=0.0)
-    result = select(candidates, fp32, metric, rules)
+
+    def selected(rules: Selection, among: list[Candidate] = candidates):
+        return select(among, fp32, rules.accuracy_rule(metric), rules)
+
+    result = selected(rules)
     assert result.selected == "good"
     reasons = {v.name: " ".join(v.reasons) for v in result.verdicts}
     assert "top1 drop 0.15 > max_drop 0.01" in reasons["fast-but-wrong"]
     assert "speed-up 0.50x < min_speedup 1x" in reasons["slow"]
     assert reasons["crashed"].startswith("failed: QuantizationError")
-    assert select(candidates, fp32, metric, rules.model_copy(update={"objective": "size"})).selected == "good-small"
+    assert selected(rules.model_copy(update={"objective": "size"})).selected == "good-small"
     assert set(pareto_front(candidates, metric)) == {"fast-but-wrong", "good", "slow"}
-    nothing = select(candidates[:2], fp32, metric, rules)
+    nothing = selected(rules, candidates[:2])
     assert nothing.selected is None and "none meets the constraints" in nothing.summary
-    relative = select(candidates, fp32, metric, rules.model_copy(update={"max_drop": 0.2, "drop": "relative"}))
+    relative = selected(rules.model_copy(update={"max_drop": 0.2, "drop": "relative"}))
     assert relative.selected == "fast-but-wrong"
     # within the latency tolerance the more accurate twin wins, whatever the noise said
-    tied = select(candidates, fp32, metric, rules.model_copy(update={"latency_tolerance": 0.06}))
+    tied = selected(rules.model_copy(update={"latency_tolerance": 0.06}))
     assert tied.selected == "good"
     tied_twins = [Candidate("a", {"top1": 0.942}, 1.5, 2.00, 100), Candidate("b", {"top1": 0.945}, 1.45, 2.05, 100)]
-    assert select(tied_twins, fp32, metric, rules.model_copy(update={"latency_tolerance": 0.03})).selected == "b"
-    assert select(tied_twins, fp32, metric, rules).selected == "a"
+    assert selected(rules.model_copy(update={"latency_tolerance": 0.03}), tied_twins).selected == "b"
+    assert selected(rules, tied_twins).selected == "a"
+    # rejections are values: counted by rule, not found by searching their text
+    assert "1 over max_drop" in nothing.summary and "1 accurate enough but below min_speedup" in nothing.summary
 
 
 def test_alias_moves_only_when_the_new_version_beats_the_holder():
     metric = Metric(name="mae")  # lower is better
-    assert beats_holder("accuracy", metric, {"mae": 0.1}, 10, {"mae": 0.2}, 10, None).move
-    assert not beats_holder("accuracy", metric, {"mae": 0.3}, 10, {"mae": 0.2}, 10, None).move
-    assert beats_holder("size", metric, {"mae": 0.3}, 9, {"mae": 0.2}, 10, None).move
-    assert not beats_holder("latency", metric, {}, 9, {}, 10, 0.97).move
-    assert beats_holder("latency", metric, {}, 9, {}, 10, 1.2).move
-    assert not beats_holder("latency", metric, {}, 9, {}, 10, 1.02, latency_tolerance=0.03).move
+
+    def version(number: str, mae: float, size: int, data: str = "eval-a") -> Contender:
+        return Contender(number, {"mae": mae}, size, data)
+
+    new, holder = version("2", 0.1, 9), version("1", 0.2, 10)
+    assert decide_alias(new, None, "latency", metric).move, "nobody holds it yet"
+    assert decide_alias(new, holder, "accuracy", metric).move
+    assert not decide_alias(version("2", 0.3, 10), holder, "accuracy", metric).move
+    assert decide_alias(version("2", 0.3, 9), holder, "size", metric).move
+    assert not decide_alias(new, holder, "latency", metric, 0.97).move
+    assert decide_alias(new, holder, "latency", metric, 1.2).move
+    assert not decide_alias(new, holder, "latency", metric, 1.02, latency_tolerance=0.03).move
+    assert not decide_alias(new, holder, "latency", metric, None).move, "an untimed holder keeps the alias"
+    assert not decide_alias(new, version("2", 0.2, 10), "accuracy", metric).move, "the same version"
+    other_data = decide_alias(new, version("1", 0.9, 99, data="eval-b"), "accuracy", metric)
+    assert not other_data.move and "different data" in other_data.reason
+
+
+def test_accuracy_rule_rejects_nan_and_reads_relative_drops():
+    rule = AccuracyRule(Metric(name="top1"), max_drop=0.01, relative=False)
+    assert rule.check({"top1": 0.945}, {"top1": 0.95}).passed
+    assert not rule.check({"top1": float("nan")}, {"top1": 0.95}).passed, "NaN never meets a constraint"
+    assert not AccuracyRule(Metric(name="top1"), 0.1, relative=True).check({"top1": 0.8}, {"top1": 0.95}).passed
 
 
 def test_external_data_model_goes_through_every_stage(tmp_path, digits_model):
@@ -187,7 +243,14 @@ def test_external_data_model_goes_through_every_stage(tmp_path, digits_model):
     model = onnx.load(str(digits_model.model))
     external = tmp_path / "src" / "model.onnx"
     external.parent.mkdir()
-    onnx.save(model, str(external), save_as_external_data=True, all_tensors_to_one_file=True, location="weights.data", size_threshold=0)
+    onnx.save(
+        model,
+        str(external),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.data",
+        size_threshold=0,
+    )
     info = inspect_model(external)
     assert info.size_bytes > external.stat().st_size * 2  # the hash and size cover the .data file
     # when it is pre-processed, calibrated, quantized and evaluated
@@ -196,14 +259,18 @@ def test_external_data_model_goes_through_every_stage(tmp_path, digits_model):
     evaluation = load_dataset(DataSource(path=digits_model.evaluation, batch_size=64), info.input_dtypes)
     reference = run_model(external, evaluation)
     calibration = load_dataset(DataSource(path=digits_model.calibration), info.input_dtypes)
-    ranges = calibrate(pre.path, calibration, "minmax", Calibration(data=DataSource(path=pre.path)), tmp_path / "r.json")
+    ranges = calibrate(
+        pre.path, calibration, "minmax", Calibration(data=DataSource(path=pre.path)), tmp_path / "r.json"
+    )
     for variant in (
         DynamicVariant(kind="dynamic", name="d", per_channel=True, reduce_range=THIS_CPU.reduce_range),
         StaticVariant(kind="static", name="s", calibration_method="minmax", reduce_range=THIS_CPU.reduce_range),
     ):
-        result = quantize(pre.path, variant, {"minmax": ranges}, tmp_path / variant.name / "model.onnx")
+        result = quantize(pre.path, variant, job(tmp_path / variant.label / "model.onnx", {"minmax": ranges}))
         # then every variant loads with its weights and stays accurate
-        assert evaluate_model(result.path, evaluation, reference, METRICS).metrics["top1"] > digits_model.fp32_top1 - 0.02
+        assert (
+            evaluate_model(result.path, evaluation, reference, METRICS).metrics["top1"] > digits_model.fp32_top1 - 0.02
+        )
 
 
 def test_preprocess_falls_back_when_symbolic_shape_inference_fails(tmp_path):
@@ -217,12 +284,18 @@ def test_preprocess_falls_back_when_symbolic_shape_inference_fails(tmp_path):
         helper.make_node("MatMul", ["d", "W"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "cdist", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        nodes,
+        "cdist",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
-        [numpy_helper.from_array(rng.normal(size=(5, 8)).astype(np.float32), "B"),
-         numpy_helper.from_array(rng.normal(size=(5, 3)).astype(np.float32), "W")],
+        [
+            numpy_helper.from_array(rng.normal(size=(5, 8)).astype(np.float32), "B"),
+            numpy_helper.from_array(rng.normal(size=(5, 3)).astype(np.float32), "W"),
+        ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "cdist.onnx"))
     # when pre-processed, then it is retried without symbolic shape inference, and says so

@@ -9,15 +9,15 @@ import threading
 import time
 from pathlib import Path
 
+import digits
 import numpy as np
 import onnx
 import pytest
 from mlflow.tracking import MlflowClient
 from onnx import TensorProto, helper, numpy_helper
-
-import digits
-from tasks.discover import NotReady, candidate_files, fingerprint, onnx_file_in, parse_tag, version_filter
 from test_pipeline_e2e import spec_file
+
+from int8flow.tasks.discover import NotReady, candidate_files, fingerprint, onnx_file_in, parse_tag, version_filter
 
 PIPELINE = "digits-e2e"  # the name spec_file writes
 
@@ -25,9 +25,16 @@ PIPELINE = "digits-e2e"  # the name spec_file writes
 def quick_spec(directory: Path, digits_model) -> Path:
     """The e2e test spec cut to one dynamic variant, short profiling and no registry: the watcher
     is under test here, not the pipeline."""
-    path = spec_file(directory, digits_model, registry="", profiling="profiling: {batch_sizes: [1], threads: [1], warmup: 1, runs: 3}")
+    path = spec_file(
+        directory,
+        digits_model,
+        registry="",
+        profiling="profiling: {batch_sizes: [1], threads: [1], warmup: 1, runs: 3}",
+    )
     text = path.read_text()
-    path.write_text(text.replace(text[text.index("variants:"):text.index("selection:")], "variants:\n  - kind: dynamic\n"))
+    path.write_text(
+        text.replace(text[text.index("variants:") : text.index("selection:")], "variants:\n  - kind: dynamic\n")
+    )
     return path
 
 
@@ -42,9 +49,11 @@ def wrong_input_model(path: Path) -> Path:
     """A valid model whose input (`image`) is not in the spec's data: its pipeline run fails."""
     weight = numpy_helper.from_array(np.ones((64, 10), np.float32), "W")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["image", "W"], ["probabilities"])], "wrong",
+        [helper.make_node("MatMul", ["image", "W"], ["probabilities"])],
+        "wrong",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])], [weight],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
+        [weight],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -103,7 +112,7 @@ def test_registry_filters_and_mlflow_model_folders(tmp_path):
 
 @pytest.mark.e2e
 def test_folder_each_content_runs_once_and_a_failure_spares_the_others(tmp_path, digits_model, mlflow_store):
-    from flows.watch import watch_models
+    from int8flow.flows.watch import watch_models
 
     client = MlflowClient(mlflow_store)
     spec = str(quick_spec(tmp_path, digits_model))
@@ -163,7 +172,7 @@ def test_registry_versions_with_the_tag_run_once(tmp_path, digits_model, mlflow_
     import mlflow
     import mlflow.onnx
 
-    from flows.watch import watch_models
+    from int8flow.flows.watch import watch_models
 
     client = MlflowClient(mlflow_store)
     # given two versions of a source model; only the first carries the tag
@@ -171,7 +180,9 @@ def test_registry_versions_with_the_tag_run_once(tmp_path, digits_model, mlflow_
     for model in (digits_model.model, other.model):
         with mlflow.start_run():
             mlflow.onnx.log_model(
-                onnx.load(str(model)), name="model", registered_model_name="digits-source",
+                onnx.load(str(model)),
+                name="model",
+                registered_model_name="digits-source",
                 pip_requirements=["onnxruntime"],  # inferring them takes seconds
             )
     client.set_model_version_tag("digits-source", "1", "stage", "candidate")
@@ -201,13 +212,12 @@ def test_registry_versions_with_the_tag_run_once(tmp_path, digits_model, mlflow_
 
 @pytest.mark.e2e
 def test_concurrent_claims_of_one_model_make_one_claim_per_pipeline(mlflow_store):
-    from flows.tracking import Tracker
-    from flows.watch import CLAIMS_EXPERIMENT, Found, claim, ensure_claim_lock
+    from int8flow.flows.tracking import Claims, MlflowStore
+    from int8flow.flows.watch import Found, claim, ensure_claim_lock
 
     # given six watchers that reach the claim step for the same content at the same moment
     # (without the lock, 5-6 of them created a claim in trials on this machine)
-    tracker = Tracker()
-    experiment = tracker.experiment_id(CLAIMS_EXPERIMENT)
+    claims = Claims(MlflowStore())
     ensure_claim_lock()
     model = Found(source="incoming/m.onnx", path="incoming/m.onnx", sha256="ab" * 32)
     barrier = threading.Barrier(6)
@@ -215,7 +225,7 @@ def test_concurrent_claims_of_one_model_make_one_claim_per_pipeline(mlflow_store
 
     def watcher() -> None:
         barrier.wait()
-        created.append(claim(tracker, experiment, "pipeline-a", model))
+        created.append(claim(claims, "pipeline-a", model))
 
     threads = [threading.Thread(target=watcher) for _ in range(6)]
     for thread in threads:
@@ -228,8 +238,8 @@ def test_concurrent_claims_of_one_model_make_one_claim_per_pipeline(mlflow_store
     assert len(created) == 6 and len(winners) == 1
     assert {run_id for run_id, _ in created} == set(winners)
     # the same content under another pipeline is another job
-    assert claim(tracker, experiment, "pipeline-b", model)[1] is True
-    assert claim(tracker, experiment, "pipeline-b", model)[1] is False
+    assert claim(claims, "pipeline-b", model)[1] is True
+    assert claim(claims, "pipeline-b", model)[1] is False
 
 
 @pytest.mark.e2e
@@ -237,8 +247,8 @@ def test_two_overlapping_watchers_trigger_a_deployment_once(tmp_path, digits_mod
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    from flows.pipeline import quantization_pipeline
-    from flows.watch import watch_models
+    from int8flow.flows.pipeline import quantization_pipeline
+    from int8flow.flows.watch import watch_models
 
     # given a deployment of the pipeline (nothing executes it: the flow run stays scheduled)
     deployment_id = quantization_pipeline.to_deployment(name="watch-test").apply()
@@ -267,7 +277,9 @@ def test_two_overlapping_watchers_trigger_a_deployment_once(tmp_path, digits_mod
     [triggered] = [t for r in reports for t in r["triggered"]]
     assert triggered["status"] == "scheduled"
     with get_client(sync_client=True) as prefect:
-        [flow_run] = prefect.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+        [flow_run] = prefect.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
     assert str(flow_run.id) == triggered["flow_run_id"]
     assert flow_run.parameters == {"spec_file": spec, "model_path": str(folder / "digits.onnx")}
     [claim] = claims(MlflowClient(mlflow_store))

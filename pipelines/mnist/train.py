@@ -117,7 +117,7 @@ def main() -> None:
         perm = torch.randperm(N_TRAIN, generator=gen)
         total = 0.0
         for i in range(0, N_TRAIN, BATCH):
-            idx = perm[i:i + BATCH]
+            idx = perm[i : i + BATCH]
             x = random_shift(xt[idx], gen) if MAX_SHIFT else xt[idx]
             loss = loss_fn(model(x), yt[idx])
             opt.zero_grad(set_to_none=True)
@@ -129,8 +129,10 @@ def main() -> None:
     train_s = time.perf_counter() - t0
 
     top1 = accuracy(model, x_ev, y_ev)
-    print(f"train time {train_s:.1f} s  held-out top-1 {top1:.4f} "
-          f"({N_EVAL} images; train acc {accuracy(model, x_tr, y_tr):.4f})")
+    print(
+        f"train time {train_s:.1f} s  held-out top-1 {top1:.4f} "
+        f"({N_EVAL} images; train acc {accuracy(model, x_tr, y_tr):.4f})"
+    )
 
     torch.save(model.state_dict(), HERE / "checkpoint.pt")
     save_npz(HERE / "calibration.npz", images=x_cal)

@@ -23,6 +23,7 @@ The file records the espeak-ng version it was made with (key `espeak_version`).
 
 from __future__ import annotations
 
+import itertools
 import random
 import subprocess
 import tempfile
@@ -97,8 +98,28 @@ VOICES = {
 LANGUAGE_WEIGHTS = {"en": 6, "de": 1, "es": 1}
 # Built-in espeak-ng voice variants; whisper and the like are left out because they are unvoiced,
 # and a VAD is not expected to call whispering speech.
-VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
-            "klatt", "klatt2", "klatt3", "klatt4", "croak", "Annie", "michel", "Alex")
+VARIANTS = (
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "m6",
+    "m7",
+    "f1",
+    "f2",
+    "f3",
+    "f4",
+    "f5",
+    "klatt",
+    "klatt2",
+    "klatt3",
+    "klatt4",
+    "croak",
+    "Annie",
+    "michel",
+    "Alex",
+)
 
 
 @dataclass(frozen=True)
@@ -127,8 +148,9 @@ def espeak_version() -> str:
 def random_speaker(rng: random.Random) -> Speaker:
     language = rng.choices(list(LANGUAGE_WEIGHTS), weights=list(LANGUAGE_WEIGHTS.values()))[0]
     voice = f"{rng.choice(VOICES[language])}+{rng.choice(VARIANTS)}"
-    return Speaker(language, voice, speed=rng.randint(120, 210), pitch=rng.randint(20, 80),
-                   word_gap=rng.choice((0, 0, 0, 1, 2, 4)))
+    return Speaker(
+        language, voice, speed=rng.randint(120, 210), pitch=rng.randint(20, 80), word_gap=rng.choice((0, 0, 0, 1, 2, 4))
+    )
 
 
 def random_text(rng: random.Random, language: str, max_words: int) -> str:
@@ -151,9 +173,25 @@ def synthesise(text: str, speaker: Speaker) -> np.ndarray:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "utterance.wav"
         # -m reads the SSML <break>s; --stdout would write a WAV header without sizes, so use a file.
-        subprocess.run(["espeak-ng", "-m", "-v", speaker.voice, "-s", str(speaker.speed),
-                        "-p", str(speaker.pitch), "-g", str(speaker.word_gap), "-w", str(path), text],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                "espeak-ng",
+                "-m",
+                "-v",
+                speaker.voice,
+                "-s",
+                str(speaker.speed),
+                "-p",
+                str(speaker.pitch),
+                "-g",
+                str(speaker.word_gap),
+                "-w",
+                str(path),
+                text,
+            ],
+            check=True,
+            capture_output=True,
+        )
         with wave.open(str(path)) as reader:
             assert reader.getsampwidth() == 2 and reader.getnchannels() == 1
             rate = reader.getframerate()
@@ -170,7 +208,7 @@ def active_samples(audio: np.ndarray) -> np.ndarray:
     active = energy > energy.max() * 10 ** (-ACTIVE_BELOW_PEAK_DB / 20)
     on = np.flatnonzero(active)
     longest_bridge = int(MAX_BRIDGED_PAUSE_S * SAMPLE_RATE / ENVELOPE_WINDOW)
-    for start, end in zip(on[:-1], on[1:]):
+    for start, end in itertools.pairwise(on):
         if 1 < end - start <= longest_bridge:
             active[start:end] = True
     mask = np.zeros(len(audio), bool)
@@ -206,7 +244,7 @@ def faded(stretch: np.ndarray, fade: int = 320) -> np.ndarray:
     ramp = 0.5 - 0.5 * np.cos(np.linspace(0, np.pi, fade))
     stretch = stretch.copy()
     stretch[:fade] *= ramp
-    stretch[len(stretch) - fade:] *= ramp[::-1]
+    stretch[len(stretch) - fade :] *= ramp[::-1]
     return stretch
 
 
@@ -250,8 +288,9 @@ def background(np_rng: np.random.Generator, length: int) -> np.ndarray:
     return coloured_noise(np_rng, length, dbfs(np_rng, -75, -55))
 
 
-def noise_stretches(rng: random.Random, np_rng: np.random.Generator,
-                    gaps: list[tuple[int, int]], length: int) -> np.ndarray:
+def noise_stretches(
+    rng: random.Random, np_rng: np.random.Generator, gaps: list[tuple[int, int]], length: int
+) -> np.ndarray:
     """Louder (but still low-level) noise inside some gaps: non-speech sound the VAD must reject."""
     noise = np.zeros(length)
     for start, end in gaps:
@@ -259,25 +298,26 @@ def noise_stretches(rng: random.Random, np_rng: np.random.Generator,
             continue
         stretch = rng.randint(int(0.15 * SAMPLE_RATE), end - start)
         offset = start + rng.randint(0, end - start - stretch)
-        noise[offset:offset + stretch] = faded(coloured_noise(np_rng, stretch, dbfs(np_rng, -55, -38)))
+        noise[offset : offset + stretch] = faded(coloured_noise(np_rng, stretch, dbfs(np_rng, -55, -38)))
     return noise
 
 
 def make_split(count: int, seed: int) -> dict[str, np.ndarray]:
     rng, np_rng = random.Random(seed), np.random.default_rng(seed)
-    audio, labels, notes = zip(*(make_clip(rng, np_rng) for _ in range(count)))
+    audio, labels, notes = zip(*(make_clip(rng, np_rng) for _ in range(count)), strict=True)
     return {"audio": np.stack(audio), "labels": np.stack(labels), "notes": np.array(notes)}
 
 
 def main() -> None:
     arrays: dict[str, np.ndarray] = {}
-    for split, count, seed in (("evaluation", EVALUATION_CLIPS, EVALUATION_SEED),
-                               ("calibration", CALIBRATION_CLIPS, CALIBRATION_SEED)):
+    for split, count, seed in (
+        ("evaluation", EVALUATION_CLIPS, EVALUATION_SEED),
+        ("calibration", CALIBRATION_CLIPS, CALIBRATION_SEED),
+    ):
         for key, value in make_split(count, seed).items():
             arrays[f"{split}_{key}"] = value
         print(f"{split}: {count} clips, speech in {arrays[f'{split}_labels'].mean():.0%} of frames")
-    np.savez_compressed(OUTPUT, **arrays, sample_rate=np.int64(SAMPLE_RATE),
-                        espeak_version=np.array(espeak_version()))
+    np.savez_compressed(OUTPUT, **arrays, sample_rate=np.int64(SAMPLE_RATE), espeak_version=np.array(espeak_version()))
     print(f"wrote {OUTPUT} ({OUTPUT.stat().st_size / 1e6:.2f} MB)")
 
 

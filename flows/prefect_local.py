@@ -1,0 +1,152 @@
+"""Prefect's ephemeral API server for local runs, started so that it cannot outlive this process.
+
+Without `PREFECT_API_URL`, Prefect starts a temporary API server (`uvicorn`, ~250 MB) in a subprocess
+and stops it at interpreter exit (`atexit`). A process killed by a signal never runs `atexit`, and the
+server was left running with parent 1. Here:
+- the server process is started with the kernel's parent-death signal (`PR_SET_PDEATHSIG`): when this
+  process dies, however it dies, the server gets SIGTERM;
+- SIGTERM and SIGHUP to this process become a clean exit (runs are ended KILLED, `atexit` runs);
+- the first start on a fresh Prefect home (database creation) is serialised across processes with a
+  file lock, so two first runs at once do not both migrate the same database.
+Linux only (`prctl`); elsewhere Prefect's own start is used unchanged.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+class Terminated(SystemExit):
+    """SIGTERM/SIGHUP, raised in the main thread so that `finally` blocks and `atexit` run."""
+
+
+def exit_cleanly_on_signals() -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        raise Terminated(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, handler)
+
+
+def _dies_with(parent_pid: int) -> Callable[[], None]:
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:  # in the child, between fork and exec
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(0)
+
+    return preexec
+
+
+@contextlib.contextmanager
+def _first_start_lock(home: Path) -> Iterator[None]:
+    """Held while the first server on `home` creates its database; the kernel frees it if we die."""
+    import prefect
+
+    marker = home / f".int8flow-ephemeral-ready-{prefect.__version__}"
+    if marker.exists():
+        yield
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".int8flow-ephemeral.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+            marker.touch()
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def start_ephemeral_server() -> Callable[[], None]:
+    """Start the ephemeral server now (from the main thread: the parent-death signal is tied to the
+    thread that forks) and return `wait()`, which blocks until it answers. No-op with a server URL."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings
+
+    if PREFECT_API_URL.value() or not sys.platform.startswith("linux"):
+        return lambda: None
+    import prefect.server.api.server as server_module
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class DiesWithParent(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            original = server_module.subprocess
+            server_module.subprocess = _PopenWith(partial(subprocess.Popen, preexec_fn=_dies_with(os.getpid())))  # type: ignore[assignment]
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                server_module.subprocess = original
+
+    if SubprocessASGIServer._instances.get(None) is not None:
+        return lambda: None  # already started in this process
+    server = DiesWithParent()  # takes the ephemeral server's slot: Prefect's get_client() finds it there
+    held = contextlib.ExitStack()
+    held.enter_context(_first_start_lock(Path(get_current_settings().home)))
+    server.port = server.find_available_port()
+    server.server_process = server._run_uvicorn_command()  # forked from this thread, the main one
+    atexit.register(server.stop)
+    failure: list[BaseException] = []
+    answered = threading.Event()
+    threading.Thread(target=_poll_health, args=(server, answered, failure), daemon=True, name="prefect-health").start()
+
+    def wait() -> None:
+        answered.wait()
+        held.close()
+        if failure:
+            raise failure[0]
+
+    return wait
+
+
+def _poll_health(server: Any, answered: threading.Event, failure: list[BaseException]) -> None:
+    """Wait for the server's /health; mark it running (Prefect's client then uses it as is)."""
+    import time
+
+    import httpx
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    try:
+        with httpx.Client() as client:
+            while time.monotonic() < deadline:
+                if server.server_process.poll() is not None:
+                    raise RuntimeError(
+                        f"Prefect's ephemeral server exited with code {server.server_process.returncode}"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{server.api_url}/health", timeout=5).status_code == 200:
+                        server.running = True
+                        return
+                time.sleep(0.2)
+        raise RuntimeError(
+            f"Prefect's ephemeral server did not answer within {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s "
+            "(raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a busy machine, or run `prefect server start`)"
+        )
+    except BaseException as error:  # noqa: BLE001 - handed to wait()
+        failure.append(error)
+    finally:
+        answered.set()
+
+
+class _PopenWith:
+    """Stands in for the `subprocess` module inside Prefect's server module, with our Popen."""
+
+    def __init__(self, popen: Callable[..., subprocess.Popen[Any]]):
+        self.Popen = popen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)

@@ -1,0 +1,73 @@
+"""`kind: dynamic` — ORT `quantize_dynamic`: int8 weights ahead of time, activations quantized at run time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.registry import IntegerOpsRegistry
+from pydantic import Field
+
+from int8flow.tasks.hardware import HardwarePreset, saturates
+from int8flow.tasks.kinds._ort import extra_options
+from int8flow.tasks.kinds.base import QUANTIZATION_OPSET, KindFacts, MakeJob, VariantBase
+from int8flow.tasks.model import Graph, uses_external_data
+
+Int8Type = Literal["QInt8", "QUInt8"]
+
+
+class DynamicVariant(VariantBase):
+    """ORT `quantize_dynamic`: int8 weights, activations quantized at run time."""
+
+    facts = KindFacts(
+        summary="int8 weights, activations quantized at run time (no calibration)",
+        starts_from=Graph.PREPROCESSED,
+        integer_kernels=True,
+        fallback=True,
+    )
+
+    kind: Literal["dynamic"] = Field(description="Dynamic quantization (weights int8 ahead of time).")
+    weight_type: Int8Type | None = Field(default=None, description="Weight integer type; default: the target's.")
+    per_channel: bool = Field(default=False, description="One scale per output channel of a weight.")
+    reduce_range: bool | None = Field(
+        default=None,
+        description="7-bit weights, avoids u8s8 saturation on CPUs without VNNI; default: the target's.",
+    )
+    op_types: list[str] | None = Field(
+        default=None, description="Op types to quantize (e.g. [MatMul, Attention]); default: ORT's."
+    )
+    nodes_to_exclude: list[str] = Field(default_factory=list, description="Node names kept in float.")
+    extra_options: dict[str, Any] = Field(default_factory=dict, description="Passed to ORT as `extra_options`.")
+
+    def default_name(self) -> str:
+        granularity = "per-channel" if self.per_channel else "per-tensor"
+        return self.named(f"dynamic-{(self.weight_type or 'QInt8').lower()}-{granularity}")
+
+    def min_opset(self) -> int:
+        return QUANTIZATION_OPSET
+
+    def fallback_op_types(self) -> frozenset[str]:
+        return frozenset(self.op_types or IntegerOpsRegistry)
+
+    def with_preset(self, preset: HardwarePreset) -> DynamicVariant:
+        defaults = {"weight_type": preset.weight_type, "reduce_range": preset.reduce_range}
+        return self.model_copy(update={key: value for key, value in defaults.items() if getattr(self, key) is None})
+
+    def saturates(self, preset: str) -> bool:
+        return saturates(preset, None, self.weight_type, self.reduce_range)
+
+    def make(self, model: Path, job: MakeJob) -> list[str]:
+        options, notes = extra_options(model, self.extra_options)
+        quantize_dynamic(
+            model,
+            job.out,
+            op_types_to_quantize=self.op_types,
+            per_channel=self.per_channel,
+            reduce_range=bool(self.reduce_range),
+            weight_type=QuantType[self.weight_type or "QInt8"],
+            nodes_to_exclude=self.nodes_to_exclude,
+            use_external_data_format=uses_external_data(model),
+            extra_options=options,
+        )
+        return notes
