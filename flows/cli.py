@@ -96,14 +96,13 @@ def run(
         )
         out.print(f"fan-out: Dask {dask_address or f'local cluster of {dask_workers} worker process(es)'}")
 
-    from int8flow.tasks.data import DataError
-    from int8flow.tasks.export import ExportError
+    from int8flow.tasks.errors import InputError
 
     try:
         outcome = quantization_pipeline(str(spec_file.resolve()))
-    except (DataError, ExportError) as error:
-        # the data or the model does not fit the spec: bad input, reported like a spec error;
-        # the MLflow run was already ended FAILED with this error, and nothing was registered
+    except InputError as error:
+        # the model, the data or the user's code does not fit the spec: bad input, reported like a spec
+        # error; the MLflow run was already ended FAILED with this error, and nothing was registered
         err.print(f"[red]error[/] {spec_file}: {type(error).__name__}: {error}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     if outcome["selected"] is None:

@@ -21,8 +21,8 @@ from int8flow.flows.records import VariantRecord
 from int8flow.flows.steps import Baseline, Job
 from int8flow.flows.tracking import RegisteredVersion, Tag, onnx_signature
 from int8flow.tasks.calibrate import CalibrationKey, CalibrationRanges
-from int8flow.tasks.profile import profile_pair
 from int8flow.tasks.select import Contender, decide_alias, holder_needs_timing
+from int8flow.tasks.timing import time_session
 
 
 @dataclass(frozen=True)
@@ -108,18 +108,24 @@ def _register_and_decide(
     speedup = None
     if holder is not None and holder_needs_timing(newcomer, holder, spec.selection.objective):
         holder_path = store.download_version(registry.model_name, holder.version, job.work / "holder")
-        pair = job.runner.call(
-            "profile-holder",
-            profile_pair,
-            holder_path,
-            record.made.path,
+        profiling = spec.profiling
+        session = job.runner.call(
+            "time-holder",
+            time_session,
+            {"holder": holder_path, "newcomer": record.made.path},
             job.feed(baseline.data),
             spec.selection_threads,
-            spec.profiling.warmup,
-            spec.profiling.runs,
+            profiling.warmup,
+            profiling.runs,
+            profiling.max_seconds,
+            "holder",
             label=f"v{holder.version}",
         )
-        speedup = pair.speedup
+        speedup = session.speedup("newcomer")
+        say(
+            "promote",
+            f"v{registered.version} vs @{registry.alias} v{holder.version}: {speedup.text()} ({session.summary()})",
+        )
     decision = decide_alias(
         newcomer, holder, spec.selection.objective, spec.selection_metric, speedup, spec.selection.latency_tolerance
     )

@@ -17,7 +17,6 @@ from int8flow.tasks.coverage import OpCoverage
 from int8flow.tasks.evaluate import Scores
 from int8flow.tasks.fallback import FallbackResult
 from int8flow.tasks.kinds import VariantBase
-from int8flow.tasks.profile import PairProfile
 from int8flow.tasks.quantize import QuantizedModel
 from int8flow.tasks.select import AccuracyCheck
 
@@ -28,7 +27,6 @@ class Status(StrEnum):
     PLANNED = "planned"
     MADE = "made"  # quantized (or trained)
     EVALUATED = "evaluated"
-    TIMED = "timed"
     FAILED = "failed"
 
 
@@ -47,9 +45,9 @@ class VariantRecord:
     made: QuantizedModel | None = None
     scores: Scores | None = None
     accuracy: AccuracyCheck | None = None
+    guard_failures: list[str] = field(default_factory=list)  # fidelity guards that collapsed
     coverage: OpCoverage | None = None
     warnings: list[str] = field(default_factory=list)
-    timings: list[PairProfile] = field(default_factory=list)
     failure: Failure | None = None
     fallback_of: str | None = None  # the variant whose accuracy fallback made this one
     fallback: FallbackResult | None = None  # the fallback this variant started
@@ -63,8 +61,6 @@ class VariantRecord:
     def status(self) -> Status:
         if self.failure is not None:
             return Status.FAILED
-        if self.timings:
-            return Status.TIMED
         if self.scores is not None:
             return Status.EVALUATED
         return Status.MADE if self.made is not None else Status.PLANNED

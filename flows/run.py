@@ -21,12 +21,14 @@ from int8flow.flows.records import VariantRecord
 from int8flow.flows.runner import Runner
 from int8flow.flows.spec import PipelineSpec
 from int8flow.flows.steps import Baseline, Job
+from int8flow.flows.timing import candidate, deciding, faster_in, fp32_candidate, time_candidates
 from int8flow.flows.tracking import PipelineRun, scratch_dir
 from int8flow.flows.training import log_qat, train_qat
 from int8flow.tasks.calibrate import CalibrationKey, CalibrationRanges
 from int8flow.tasks.hardware import detect
 from int8flow.tasks.report import plot_pareto, write_table
 from int8flow.tasks.select import Candidate, SelectionResult, select
+from int8flow.tasks.timing import TimingSession
 
 
 @dataclass
@@ -60,8 +62,8 @@ def run_pipeline(
         steps.make_and_evaluate(job, records, graphs, ranges, baseline)
         steps.judge_accuracy(job, records, baseline)
         retry_inaccurate(job, records, graphs, ranges, calibration_data or baseline.data, baseline)
-        steps.time_variants(job, records, baseline)
-        return _conclude(job, records, baseline, ranges, register)
+        sessions = time_candidates(job, records, baseline)
+        return _conclude(job, records, baseline, ranges, deciding(job, sessions), register)
 
 
 def _conclude(
@@ -69,31 +71,31 @@ def _conclude(
     records: Mapping[str, VariantRecord],
     baseline: Baseline,
     ranges: Mapping[CalibrationKey, CalibrationRanges],
+    session: TimingSession | None,
     register: bool,
 ) -> PipelineOutcome:
     """Select, log every verdict, promote the selected variant, write the summary."""
-    candidates = [steps.candidate(job, record) for record in records.values()]
-    result = select(candidates, baseline.scores.metrics, job.accuracy, job.spec.selection)
+    candidates = [candidate(job, record, session) for record in records.values()]
+    result = select(candidates, baseline.scores.metrics, job.accuracy, job.spec.selection, faster_in(session))
     for verdict in result.verdicts:
-        say(
-            "select",
-            f"{verdict.name}: "
-            + ("[green]eligible[/]" if verdict.eligible else "rejected: " + "; ".join(verdict.reasons)),
-        )
+        status = "[green]eligible[/]" if verdict.eligible else "rejected: " + "; ".join(verdict.reasons)
+        say("select", f"{verdict.name}: {status}")
     say("select", result.summary)
     promotion: Promotion | None = None
-    for record, candidate, verdict in zip(records.values(), candidates, result.verdicts, strict=True):
+    for record, chosen, verdict in zip(records.values(), candidates, result.verdicts, strict=True):
         if not job.run.has_variant(record.name):
             steps.log_made(job, record, baseline)
         selected = record.name == result.selected
-        job.run.verdict(
-            record.name, record.variant.kind_name(), selected, verdict.eligible, verdict.describe(), candidate.speedup
-        )
+        kind = record.variant.kind_name()
+        job.run.verdict(record.name, kind, selected, verdict.eligible, verdict.describe(), chosen.speedup)
         log_qat(job, record)
+        if selected:
+            steps.explain_warnings(record, chosen)
+            steps.held_out(job, record, baseline)
         if selected and register:
             promotion = promote(job, record, baseline, ranges)
         job.run.close_variant(record.name)
-    _summary(job, candidates, baseline, result, promotion)
+    _summary(job, candidates, fp32_candidate(baseline, session), result, promotion)
     return PipelineOutcome(
         parent_run_id=job.run.run_id,
         selected=result.selected,
@@ -106,11 +108,9 @@ def _conclude(
 
 
 def _summary(
-    job: Job, candidates: list[Candidate], baseline: Baseline, result: SelectionResult, promotion: Promotion | None
+    job: Job, candidates: list[Candidate], fp32: Candidate, result: SelectionResult, promotion: Promotion | None
 ) -> None:
     metric = job.spec.selection_metric.name
-    fp32_latency = baseline.latency[(job.spec.selection_batch_size, job.spec.selection_threads)]
-    fp32 = Candidate("fp32", baseline.scores.metrics, 1.0, fp32_latency.p50_ms, baseline.source.size_bytes)
     table = write_table(candidates, fp32, result, metric, job.work / "variants.csv")
     plot = plot_pareto(candidates, fp32, result, metric, job.work / "accuracy_vs_latency.png")
     counts = {

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,16 @@ from int8flow.flows.tracking import PipelineRun, Tag
 from int8flow.tasks.calibrate import CalibrationKey, CalibrationRanges, calibrate
 from int8flow.tasks.coverage import op_coverage, slow_int8_warnings
 from int8flow.tasks.data import Dataset, Tokenizer, load_dataset
-from int8flow.tasks.evaluate import ModelOutputs, Scores, evaluate, evaluate_model, run_model
+from int8flow.tasks.errors import InputError
+from int8flow.tasks.evaluate import EvaluationError, ModelOutputs, Scores, evaluate, evaluate_model, run_model
 from int8flow.tasks.kinds import MakeJob
 from int8flow.tasks.model import Graph, ModelInfo, inspect_model
 from int8flow.tasks.preprocess import fuse_transformer, preprocess
-from int8flow.tasks.profile import LatencyStats, PairProfile, input_feed, profile_pair, profile_single
+from int8flow.tasks.profile import input_feed
 from int8flow.tasks.quantize import QuantizedModel, quantize
 from int8flow.tasks.repair import repair_model
-from int8flow.tasks.select import AccuracyRule, Candidate
+from int8flow.tasks.sanity import check_fp32, constant_metric_warning
+from int8flow.tasks.select import AccuracyCheck, AccuracyRule, Candidate
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,13 @@ class Job:
 
 @dataclass(frozen=True)
 class Baseline:
-    """The FP32 model on the evaluation data: its outputs, scores and latency."""
+    """The FP32 model on the evaluation data: its outputs and scores (its latency is timed with the
+    candidates, in the same session: `flows.timing`)."""
 
     source: ModelInfo
     data: Dataset
     reference: ModelOutputs
     scores: Scores
-    latency: Mapping[tuple[int, int], LatencyStats]  # (batch size, threads)
 
 
 def tokenizer(spec: PipelineSpec) -> Tokenizer | None:
@@ -187,38 +188,31 @@ def _fuse(job: Job, model: Path, records: Mapping[str, VariantRecord]) -> Path |
 
 
 def fp32_baseline(job: Job, source: ModelInfo) -> Baseline:
+    """The FP32 model's outputs and scores on the evaluation data; what cannot be right about them
+    (NaN, labels of the wrong kind) is bad input, what looks degenerate is a recorded warning."""
     spec, runner = job.spec, job.runner
-    exported = spec.model.source != "onnx"
     data = runner.call(
         "load-data",
         load_dataset,
         spec.evaluation.data,
         source.input_dtypes,
         tokenize=job.tokenize,
-        ignore_extra_inputs=exported,
+        ignore_extra_inputs=spec.model.source != "onnx",
+        input_shapes=source.input_shapes,
         label="evaluation",
     )
-    reference = runner.call("fp32-outputs", run_model, source.path, data, spec.evaluation.output)
-    scores = evaluate(reference, reference, data, spec.evaluation.metrics)
+    try:
+        reference = runner.call("fp32-outputs", run_model, source.path, data, spec.evaluation.output)
+        scores = evaluate(reference, reference, data, spec.evaluation.metrics, spec.evaluation.guards.topk)
+        warnings = check_fp32(scores, reference, data, spec.evaluation.metrics)
+    except EvaluationError as error:  # the user's own model on the user's own data
+        raise InputError(f"{source.path.name} on {spec.evaluation.data.origin}: {error}") from error
     say("fp32", f"{data.samples} samples: " + ", ".join(f"{k}={v:.4g}" for k, v in scores.metrics.items()))
-    latency: dict[tuple[int, int], LatencyStats] = {}
-    metrics: dict[str, float] = {}
-    for batch_size in spec.profiling.batch_sizes:
-        for threads in spec.profiling.threads:
-            stats = runner.call(
-                "profile-fp32",
-                profile_single,
-                source.path,
-                job.feed(data, batch_size),
-                threads,
-                spec.profiling.warmup,
-                spec.profiling.runs,
-                label=f"b{batch_size}_t{threads}",
-            )
-            latency[(batch_size, threads)] = stats
-            metrics |= stats.as_metrics(f"fp32.b{batch_size}_t{threads}")
-    job.run.fp32(scores.metrics, source.size_bytes, data.fingerprint, metrics)
-    return Baseline(source, data, reference, scores, latency)
+    for warning in warnings:
+        job.run.warn(warning)
+        warn("fp32", f"evaluation looks degenerate: {warning}")
+    job.run.fp32(scores.metrics, source.size_bytes, data.fingerprint)
+    return Baseline(source, data, reference, scores)
 
 
 def calibrations(
@@ -237,6 +231,7 @@ def calibrations(
         max_samples=spec.calibration.samples,
         tokenize=job.tokenize,
         ignore_extra_inputs=spec.model.source != "onnx",
+        input_shapes=source.input_shapes,
         label="calibration",
     )
     futures = {
@@ -358,6 +353,8 @@ def log_made(job: Job, record: VariantRecord, baseline: Baseline) -> None:
         "quantize_seconds": record.made.seconds,
     }
     tags = {}
+    for output, fidelity in record.scores.fidelity.items():
+        metrics |= fidelity.as_metrics(f"guard.{output}.")
     if record.coverage is not None:
         metrics |= record.coverage.as_metrics("ops.")
         tags[Tag.OP_COVERAGE] = record.coverage.summary()
@@ -372,67 +369,77 @@ def log_made(job: Job, record: VariantRecord, baseline: Baseline) -> None:
 
 
 def judge_accuracy(job: Job, records: Mapping[str, VariantRecord], baseline: Baseline) -> None:
-    """Each evaluated variant against the accuracy constraint (the one rule, `AccuracyRule`)."""
-    rule = job.accuracy
+    """Each evaluated variant against the accuracy constraint (the one rule, `AccuracyRule`) and the
+    fidelity guards; and the metric itself, if it never moves."""
+    rule, guards = job.accuracy, job.spec.evaluation.guards
     for record in records.values():
         if record.ok and record.scores is not None and record.accuracy is None:
             record.accuracy = rule.check(record.scores.metrics, baseline.scores.metrics)
+            record.guard_failures = guards.collapsed(record.scores.fidelity)
             if not record.accuracy.passed:
                 say("accuracy", f"{record.name}: {record.accuracy.text}")
+            for failure in record.guard_failures:
+                warn("guard", f"{record.name}: output collapsed: {failure}")
+    metric = job.spec.selection_metric.name
+    scored = {record.name: record.scores for record in records.values() if record.ok and record.scores is not None}
+    constant = constant_metric_warning(metric, baseline.scores.metrics[metric], scored)
+    if constant is not None:
+        job.run.warn(constant)
+        warn("accuracy", constant)
 
 
-def time_variants(job: Job, records: Mapping[str, VariantRecord], baseline: Baseline) -> None:
-    """FP32 and each variant worth timing, interleaved in one process, one variant at a time (two
-    models timed at once on a 2-core machine would time each other)."""
-    spec = job.spec
-    for record in records.values():
-        if not (record.ok and record.made is not None and (record.passed_accuracy or spec.profiling.all_variants)):
-            continue
-        for batch_size in spec.profiling.batch_sizes:
-            for threads in spec.profiling.threads:
-                pair = attempt(record, "profile", partial(_time_pair, job, record, baseline, batch_size, threads))
-                if pair is None:
-                    break
-                record.timings.append(pair)
-                say(
-                    "profile",
-                    f"{record.name} b{batch_size} t{threads}: p50 {pair.candidate.p50_ms:.3g} ms vs FP32 {pair.baseline.p50_ms:.3g} ms = {pair.speedup:.2f}x",
-                )
-        if record.failure is not None:
-            job.run.variant_failed(record.name, str(record.failure))
-        elif record.timings:
-            metrics: dict[str, float] = {}
-            for pair in record.timings:
-                metrics |= pair.candidate.as_metrics(pair.key) | {
-                    f"{pair.key}_speedup": pair.speedup,
-                    f"{pair.key}_fp32_p50_ms": pair.baseline.p50_ms,
-                }
-            job.run.variant_timed(record.name, metrics)
-
-
-def _time_pair(job: Job, record: VariantRecord, baseline: Baseline, batch_size: int, threads: int) -> PairProfile:
-    assert record.made is not None
-    profiling = job.spec.profiling
-    feed = job.feed(baseline.data, batch_size)
-    label = f"{record.name}-b{batch_size}_t{threads}"
-    return job.runner.call(
-        "profile",
-        profile_pair,
-        baseline.source.path,
-        record.made.path,
-        feed,
-        threads,
-        profiling.warmup,
-        profiling.runs,
-        label=label,
+def held_out(job: Job, record: VariantRecord, baseline: Baseline) -> AccuracyCheck | None:
+    """The selected variant on `evaluation.test`, data selection never saw: its accuracy there, logged beside
+    the selection score, and a gap between the two flagged."""
+    test, spec = job.spec.evaluation.test, job.spec
+    if test is None or record.made is None or record.accuracy is None:
+        return None
+    source = baseline.source
+    data = job.runner.call(
+        "load-data",
+        load_dataset,
+        test,
+        source.input_dtypes,
+        tokenize=job.tokenize,
+        ignore_extra_inputs=spec.model.source != "onnx",
+        input_shapes=source.input_shapes,
+        label="test",
     )
+    try:
+        reference = job.runner.call("fp32-outputs", run_model, source.path, data, spec.evaluation.output, label="test")
+    except EvaluationError as error:
+        raise InputError(f"{source.path.name} on {test.origin}: {error}") from error
+    fp32 = evaluate(reference, reference, data, spec.evaluation.metrics)
+    scores = job.runner.call(
+        "evaluate",
+        evaluate_model,
+        record.made.path,
+        data,
+        reference,
+        spec.evaluation.metrics,
+        spec.evaluation.output,
+        label=f"{record.name}-test",
+    )
+    check = job.accuracy.check(scores.metrics, fp32.metrics)
+    metric = job.accuracy.metric.name
+    gap = check.drop - record.accuracy.drop
+    text = f"{metric} drop {check.drop:.4g} on {data.samples} held-out samples vs {record.accuracy.drop:.4g} on the selection data"
+    margin = 0.5 * (spec.selection.max_drop or 0.0)
+    if not check.passed:
+        warn("held-out", f"{record.name}: {text}: over max_drop on data selection never saw")
+    elif spec.selection.max_drop is not None and gap > margin:
+        warn("held-out", f"{record.name}: {text}: the selection data flattered it")
+    else:
+        say("held-out", f"{record.name}: {text}")
+    job.run.held_out(record.name, scores.metrics, fp32.metrics, text, check.passed and not gap > margin)
+    return check
 
 
-def candidate(job: Job, record: VariantRecord) -> Candidate:
-    if record.failure is not None or record.made is None or record.scores is None:
-        return Candidate(record.name, error=str(record.failure))
-    key = (job.spec.selection_batch_size, job.spec.selection_threads)
-    pair = next((p for p in record.timings if (p.batch_size, p.threads) == key), None)
-    if pair is None:  # missed the accuracy constraint: not worth timing
-        return Candidate(record.name, metrics=record.scores.metrics, size_bytes=record.made.size_bytes)
-    return Candidate(record.name, record.scores.metrics, pair.speedup, pair.candidate.p50_ms, record.made.size_bytes)
+def explain_warnings(record: VariantRecord, chosen: Candidate) -> None:
+    """A selected variant that op coverage called likely slower than FP32 was timed and won anyway."""
+    if record.warnings and chosen.speedup is not None:
+        for warning in record.warnings:
+            say(
+                "select",
+                f"{record.name} was warned about ({warning.split(':')[0]}) and measured {chosen.speedup.text()} FP32 in the timing session: the warning did not hold on this CPU",
+            )

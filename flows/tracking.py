@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import time
 import traceback
@@ -25,11 +26,22 @@ from pathlib import Path
 from typing import Any
 
 from int8flow.tasks.select import Contender
+from int8flow.tasks.timing import Speedup
 
 EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlruns"
 MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 5000
+
+
+_UNSAFE_KEY = re.compile(r"[^/\w.\- ]")
+
+
+def safe_key(key: str) -> str:
+    """A metric or param name MLflow accepts: names built from a model's own output or node names (which
+    may hold `:` or `[]`) have every other character replaced by `_`, and no `..` or leading `/`."""
+    cleaned = _UNSAFE_KEY.sub("_", key).replace("..", "._").lstrip("/")
+    return cleaned or "_"
 
 
 class Tag:
@@ -57,6 +69,7 @@ class Tag:
     SUMMARY = "int8flow.summary"
     REGISTERED_VERSION = "int8flow.registered_version"
     RUN_WARNINGS = "int8flow.run_warnings"
+    TIMING_UNCERTAIN = "int8flow.timing_uncertain."  # + session key: busy or unsettled even with extra rounds
     # both
     SELECTED = "int8flow.selected"
     ERROR = "int8flow.error"
@@ -72,6 +85,8 @@ class Tag:
     FALLBACK = "int8flow.fallback"
     FALLBACK_BEST = "int8flow.fallback_best"
     QAT_STOPPED = "int8flow.qat_stopped"
+    HELD_OUT = "int8flow.held_out"  # the selected variant on `evaluation.test`
+    HELD_OUT_CONSISTENT = "int8flow.held_out_consistent"  # "false": the held-out drop fails or flags a gap
     ALIAS_DECISION = "int8flow.alias_decision"
     # model version
     RECIPE = "int8flow.recipe"
@@ -187,7 +202,7 @@ class MlflowStore:
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in params.items()]
+        items = [Param(safe_key(key), str(value)[:MAX_PARAM_LENGTH]) for key, value in params.items()]
         for start in range(0, len(items), 100):  # MLflow's per-batch limit
             self.client.log_batch(run_id, params=items[start : start + 100])
 
@@ -195,7 +210,7 @@ class MlflowStore:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(key, float(value), now, step) for key, value in metrics.items() if value is not None]
+        items = [Metric(safe_key(key), float(value), now, step) for key, value in metrics.items() if value is not None]
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start : start + 1000])
 
@@ -351,6 +366,12 @@ class PipelineRun:
         self.experiment_id = experiment_id
         self.run_id = run_id
         self._variant_runs: dict[str, str] = {}
+        self._warnings: list[str] = []
+
+    def warn(self, warning: str) -> None:
+        """A warning about the whole run (the target, the evaluation), kept on the parent run."""
+        self._warnings.append(warning)
+        self.store.set_tags(self.run_id, {Tag.RUN_WARNINGS: " | ".join(self._warnings)})
 
     @classmethod
     @contextlib.contextmanager
@@ -407,9 +428,9 @@ class PipelineRun:
             Tag.TARGET_REASON: preset.why,
             Tag.DETECTED_PRESET: detected,
         } | {f"{Tag.CPU_FLAG}{flag}": str(present).lower() for flag, present in hardware.flags.items()}
-        if warnings:
-            tags[Tag.RUN_WARNINGS] = " | ".join(warnings)
         self.store.set_tags(self.run_id, tags)
+        for warning in warnings:
+            self.warn(warning)
 
     def exported(self, path: Path, parity_max_abs_diff: float | None, seconds: float) -> None:
         self.store.log_metrics(
@@ -429,12 +450,18 @@ class PipelineRun:
             self.run_id, {f"calibration.{key.replace('@', '.')}.seconds": value for key, value in seconds.items()}
         )
 
-    def fp32(
-        self, scores: Mapping[str, float], size_bytes: int, fingerprint: str, latency: Mapping[str, float]
-    ) -> None:
+    def fp32(self, scores: Mapping[str, float], size_bytes: int, fingerprint: str) -> None:
         metrics = {f"fp32.{name}": value for name, value in scores.items()} | {"fp32.size_mb": size_bytes / 1e6}
-        self.store.log_metrics(self.run_id, metrics | dict(latency))
+        self.store.log_metrics(self.run_id, metrics)
         self.store.set_tags(self.run_id, {Tag.EVAL_FINGERPRINT: fingerprint})
+
+    def timing(
+        self, key: str, fp32_latency: Mapping[str, float], rounds: int, other_cores: float, uncertain: bool
+    ) -> None:
+        """One timing session: FP32's latency in it, its length, the load other processes put on the machine."""
+        metrics = dict(fp32_latency) | {f"timing.{key}.rounds": rounds, f"timing.{key}.other_cores": other_cores}
+        self.store.log_metrics(self.run_id, metrics)
+        self.store.set_tags(self.run_id, {f"{Tag.TIMING_UNCERTAIN}{key}": str(uncertain).lower()})
 
     def summary(
         self,
@@ -507,23 +534,33 @@ class PipelineRun:
         self.store.log_artifact(run_id, checkpoint, "qat")
 
     def verdict(
-        self, name: str, kind: str, selected: bool, eligible: bool, verdict: str, speedup: float | None
+        self, name: str, kind: str, selected: bool, eligible: bool, verdict: str, speedup: Speedup | None
     ) -> None:
         run_id = self._variant_runs[name]
-        self.store.set_tags(
-            run_id,
-            {
-                Tag.KIND: kind,
-                Tag.SELECTED: str(selected).lower(),
-                Tag.ELIGIBLE: str(eligible).lower(),
-                Tag.VERDICT: verdict,
-            },
-        )
-        if speedup is not None or eligible:
-            self.store.log_metrics(run_id, {"speedup": speedup or 0.0})
+        tags = {
+            Tag.KIND: kind,
+            Tag.SELECTED: str(selected).lower(),
+            Tag.ELIGIBLE: str(eligible).lower(),
+            Tag.VERDICT: verdict,
+        }
+        self.store.set_tags(run_id, tags)
+        if speedup is not None:  # the deciding session's, with its 90 % interval
+            self.store.log_metrics(
+                run_id, {"speedup": speedup.value, "speedup_low": speedup.low, "speedup_high": speedup.high}
+            )
 
     def close_variant(self, name: str) -> None:
         self.store.end_if_running(self._variant_runs[name])
+
+    def held_out(
+        self, name: str, scores: Mapping[str, float], fp32: Mapping[str, float], text: str, consistent: bool
+    ) -> None:
+        """The selected variant measured on `evaluation.test` (data selection never saw)."""
+        self.store.log_metrics(self._variant_runs[name], {f"test.{metric}": value for metric, value in scores.items()})
+        self.store.log_metrics(self.run_id, {f"test.fp32.{metric}": value for metric, value in fp32.items()})
+        tags = {Tag.HELD_OUT: text, Tag.HELD_OUT_CONSISTENT: str(consistent).lower()}
+        self.store.set_tags(self._variant_runs[name], tags)
+        self.store.set_tags(self.run_id, tags)
 
     def alias_decision(self, name: str, version: str, reason: str) -> None:
         self.store.set_tags(self._variant_runs[name], {Tag.REGISTERED_VERSION: version, Tag.ALIAS_DECISION: reason})

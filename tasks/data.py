@@ -7,13 +7,14 @@ model's input dtypes, plus a fingerprint so two runs can tell whether they saw t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from int8flow.tasks.errors import InputError
 from int8flow.tasks.options import CALLABLE_PATTERN, MAX_COUNT, WithUserCode, check_callable, resolve_path
 from int8flow.tasks.usercode import UserCodeError, call_user
 
@@ -62,7 +63,7 @@ class DataSource(WithUserCode):
         return str(self.path or self.texts or self.callable)
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """The data source does not fit the model (missing input, wrong type, unreadable file)."""
 
 
@@ -109,15 +110,17 @@ def load_dataset(
     max_samples: int | None = None,
     tokenize: Tokenizer | None = None,
     ignore_extra_inputs: bool = False,
+    input_shapes: Mapping[str, Sequence[int | str | None]] | None = None,
 ) -> Dataset:
     """Read `source` into batches for a model whose inputs are `input_dtypes` (name -> dtype).
 
     `tokenize` turns a list of texts into model inputs; it is needed for a `texts:` source.
     `ignore_extra_inputs` drops arrays the model has no input for (an exporter prunes unused inputs,
-    e.g. `token_type_ids`), instead of calling that an error.
+    e.g. `token_type_ids`), instead of calling that an error. `input_shapes`: the model's input shapes
+    (names for dynamic axes), checked against the data's ranks and fixed dimensions.
     """
     try:
-        return _load(source, input_dtypes, max_samples, tokenize, ignore_extra_inputs)
+        return _load(source, input_dtypes, max_samples, tokenize, ignore_extra_inputs, input_shapes)
     except (DataError, UserCodeError) as error:
         raise DataError(f"{source.origin}: {error}") from error
 
@@ -128,6 +131,7 @@ def _load(
     max_samples: int | None,
     tokenize: Tokenizer | None,
     ignore_extra_inputs: bool,
+    input_shapes: Mapping[str, Sequence[int | str | None]] | None = None,
 ) -> Dataset:
     limit = min(filter(None, (source.limit, max_samples)), default=None)
     raw: Iterable[Batch]
@@ -143,7 +147,7 @@ def _load(
         raw = _split(_read_npz(source.path), source.batch_size)
     else:  # the spec guarantees one of the two
         raise DataError("data source has neither path nor callable")
-    batches = tuple(_truncate((_checked(batch, input_dtypes, ignore_extra_inputs) for batch in raw), limit))
+    batches = tuple(_truncate((_checked(batch, input_dtypes, ignore_extra_inputs, input_shapes) for batch in raw), limit))
     if not batches:
         raise DataError("the data source gave no samples")
     return Dataset(batches=batches, fingerprint=fingerprint(batches))
@@ -224,7 +228,15 @@ def _from_callable(source: DataSource, reference: str) -> Iterable[Batch]:
             raise DataError(f"{reference} must yield input dicts or (inputs, labels) pairs, got {type(item).__name__}")
 
 
-def _checked(batch: Batch, input_dtypes: dict[str, np.dtype], ignore_extra_inputs: bool = False) -> Batch:
+def _checked(
+    batch: Batch,
+    input_dtypes: Mapping[str, np.dtype],
+    ignore_extra_inputs: bool = False,
+    input_shapes: Mapping[str, Sequence[int | str | None]] | None = None,
+) -> Batch:
+    """The batch's inputs as the model takes them, or a DataError naming the input and what is wrong:
+    missing or unknown inputs, a type that would silently change the values (complex, strings, objects,
+    floats for integer inputs), NaN or Inf, a rank or a fixed dimension the model does not have."""
     missing = sorted(set(input_dtypes) - set(batch.inputs))
     unknown = [] if ignore_extra_inputs else sorted(set(batch.inputs) - set(input_dtypes))
     if missing or unknown:
@@ -232,8 +244,47 @@ def _checked(batch: Batch, input_dtypes: dict[str, np.dtype], ignore_extra_input
             f"data does not match the model inputs {sorted(input_dtypes)}: "
             f"missing {missing or 'none'}, unknown {unknown or 'none'}"
         )
-    inputs = {name: np.asarray(batch.inputs[name]).astype(input_dtypes[name], copy=False) for name in input_dtypes}
-    return Batch(inputs=inputs, labels=batch.labels)
+    inputs = {}
+    for name, dtype in input_dtypes.items():
+        array = np.asarray(batch.inputs[name])
+        _check_values(name, array, np.dtype(dtype))
+        if input_shapes is not None and name in input_shapes:
+            _check_shape(name, array.shape, input_shapes[name])
+        inputs[name] = array.astype(dtype, copy=False)
+    return Batch(inputs=inputs, labels=_checked_labels(batch.labels))
+
+
+def _check_values(name: str, array: np.ndarray, wanted: np.dtype) -> None:
+    kind = array.dtype.kind
+    if kind in "OUSV":
+        raise DataError(f"input {name!r} holds {array.dtype} values; the model takes {wanted} numbers")
+    if kind == "c":
+        raise DataError(f"input {name!r} is complex ({array.dtype}); casting to {wanted} would drop the imaginary part")
+    if not np.can_cast(array.dtype, wanted, casting="same_kind") and not (kind == "b" or wanted.kind == "b"):
+        raise DataError(f"input {name!r} is {array.dtype}; the model takes {wanted}, and the cast would change the values")
+    if kind == "f" and not np.isfinite(array).all():
+        bad = int(np.argwhere(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))[0][0]) if array.ndim else 0
+        raise DataError(f"input {name!r} contains NaN or Inf (first in sample {bad} of its batch)")
+
+
+def _check_shape(name: str, shape: tuple[int, ...], expected: Sequence[int | str | None]) -> None:
+    if len(shape) != len(expected):
+        wanted = "[" + ", ".join(str(dim) for dim in expected) + "]"
+        raise DataError(f"input {name!r} has shape {shape}; the model takes rank {len(expected)} {wanted}")
+    for axis, (got, want) in enumerate(zip(shape, expected, strict=True)):
+        if isinstance(want, int) and want > 0 and got != want and axis > 0:
+            raise DataError(f"input {name!r} has shape {shape}; the model's axis {axis} is fixed at {want}")
+
+
+def _checked_labels(labels: np.ndarray | None) -> np.ndarray | None:
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iubf":
+        raise DataError(f"labels are {labels.dtype} values; metrics take numbers (top1: class indices 0..C-1)")
+    if labels.dtype.kind == "f" and not np.isfinite(labels).all():
+        raise DataError("labels contain NaN or Inf")
+    return labels
 
 
 def _truncate(batches: Iterable[Batch], limit: int | None) -> Iterable[Batch]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ BUILTIN_METRICS: dict[str, str] = {
     "mre": "relative error vs FP32: sum |output - fp32| / sum |fp32|",
     "nn_agreement": "share of samples whose nearest other sample (cosine of outputs) is the same as "
     "under FP32: retrieval agreement for embedding models",
+    "topk_agreement": "mean share of each sample's 10 largest FP32 output elements that stay among the "
+    "variant's 10 largest: what a detector's score map or a ranking needs, for models without labels",
 }
 LOWER_IS_BETTER = {"mae", "mre"}
 
@@ -68,8 +71,44 @@ class Metric(WithUserCode):
         return True if self.higher_is_better is None else self.higher_is_better
 
 
+class Guards(StrictModel):
+    """Fidelity guards: each variant's outputs against FP32's, beside the selection metric, so that a mean
+    that stays high cannot hide a collapse (a detector keeping 1 of 10 detections at cosine 0.998)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Reject a variant whose outputs collapse (below the limits here) although its metric passes.",
+    )
+    topk: int = Field(
+        default=10, ge=1, le=1000, description="k of the top-k agreement (outputs of at least 2k elements per sample)."
+    )
+    min_topk_agreement: float = Field(
+        default=0.5, ge=0, le=1, description="Collapse: fewer of FP32's k largest output elements kept, on average."
+    )
+    min_sqnr_db: float = Field(
+        default=3.0, ge=-100, le=100, description="Collapse: an output's signal-to-quantization-noise ratio below this."
+    )
+    outputs: list[str] | None = Field(default=None, description="Outputs guarded; default: every float output.")
+
+    def collapsed(self, fidelity: Mapping[str, Fidelity]) -> list[str]:
+        """What collapsed, one line per output and guard; empty when nothing did (or guards are off)."""
+        if not self.enabled:
+            return []
+        found = []
+        for name, measured in fidelity.items():
+            if self.outputs is not None and name not in self.outputs:
+                continue
+            if measured.sqnr_db < self.min_sqnr_db:
+                found.append(f"{name}: SQNR {measured.sqnr_db:.1f} dB < {self.min_sqnr_db:g} dB")
+            if measured.topk_agreement is not None and measured.topk_agreement < self.min_topk_agreement:
+                found.append(
+                    f"{name}: top-{self.topk} agreement {measured.topk_agreement:.2f} < {self.min_topk_agreement:g}"
+                )
+        return found
+
+
 class Evaluation(StrictModel):
-    data: DataSource = Field(description="Evaluation inputs, with labels for `top1`.")
+    data: DataSource = Field(description="Evaluation inputs, with labels for `top1`; selection is decided on them.")
     metrics: list[Metric] = Field(
         default_factory=lambda: [Metric.model_validate("cosine")],
         min_length=1,
@@ -77,7 +116,17 @@ class Evaluation(StrictModel):
         description="Metrics computed for FP32 and every variant; the first one drives selection "
         "unless `selection.metric` says otherwise.",
     )
-    output: str | None = Field(default=None, description="Model output the metrics read; default: the first output.")
+    output: str | None = Field(
+        default=None,
+        description="Model output the metrics read; default: the first output. Every output is compared with "
+        "FP32's by the guards.",
+    )
+    guards: Guards = Field(default_factory=Guards, description="Fidelity guards on every output.")
+    test: DataSource | None = Field(
+        default=None,
+        description="Held-out data that selection never sees: the selected variant's reported accuracy is measured "
+        "on it, beside its selection score, and a gap between the two is flagged.",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> Evaluation:
@@ -94,20 +143,25 @@ class EvaluationError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelOutputs:
-    """The evaluated output of every batch, in dataset order."""
+    """Every output of a model on every batch, in dataset order; the metrics read `output_name`."""
 
     output_name: str
-    batches: tuple[np.ndarray, ...]
+    outputs: Mapping[str, tuple[np.ndarray, ...]]  # output name -> one array per batch
     seconds: float
+
+    @property
+    def batches(self) -> tuple[np.ndarray, ...]:
+        return self.outputs[self.output_name]
 
 
 @dataclass(frozen=True)
 class Scores:
-    """One model's metric values on the evaluation data."""
+    """One model's metric values on the evaluation data, and how each of its outputs compares with FP32's."""
 
     metrics: dict[str, float]
     samples: int
     seconds: float
+    fidelity: Mapping[str, Fidelity] = field(default_factory=dict)  # output name -> diagnostics vs FP32
 
 
 def session(model: Path, threads: int) -> ort.InferenceSession:
@@ -144,7 +198,12 @@ def feed_for(runner: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> dic
     }
 
 
+class NonFiniteOutputs(EvaluationError):
+    """The model computed NaN or Inf."""
+
+
 def run_model(model: Path, dataset: Dataset, output: str | None = None, threads: int = 1) -> ModelOutputs:
+    """Every output of `model` on `dataset` (float16 widened to float32); NaN or Inf is an error."""
     started = time.perf_counter()
     try:
         runner = session(model, threads)
@@ -153,23 +212,30 @@ def run_model(model: Path, dataset: Dataset, output: str | None = None, threads:
     names = [value.name for value in runner.get_outputs()]
     output_name = output or names[0]
     if output_name not in names:
-        raise EvaluationError(f"model has no output {output_name!r}; outputs: {names}")
-    try:
-        batches = tuple(
-            _widened(np.asarray(runner.run([output_name], feed_for(runner, batch.inputs))[0]))
-            for batch in dataset.batches
-        )
-    except Exception as error:
-        raise EvaluationError(f"inference failed: {error}") from error
-    return ModelOutputs(output_name=output_name, batches=batches, seconds=time.perf_counter() - started)
+        raise EvaluationError(f"the model has no output {output_name!r}; its outputs: {', '.join(names)}")
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for index, batch in enumerate(dataset.batches):
+        try:
+            results = runner.run(names, feed_for(runner, batch.inputs))
+        except Exception as error:
+            raise EvaluationError(f"inference failed on batch {index}: {error}") from error
+        for name, result in zip(names, results, strict=True):
+            array = _widened(np.asarray(result))
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise NonFiniteOutputs(f"output {name!r} contains NaN or Inf (batch {index})")
+            collected[name].append(array)
+    outputs = {name: tuple(arrays) for name, arrays in collected.items()}
+    return ModelOutputs(output_name=output_name, outputs=outputs, seconds=time.perf_counter() - started)
 
 
 def _widened(output: np.ndarray) -> np.ndarray:
     return output.astype(np.float32) if output.dtype == np.float16 else output
 
 
-def evaluate(outputs: ModelOutputs, reference: ModelOutputs, dataset: Dataset, metrics: Sequence[Metric]) -> Scores:
-    """Score `outputs` with each metric; `reference` are the FP32 model's outputs on the same data."""
+def evaluate(
+    outputs: ModelOutputs, reference: ModelOutputs, dataset: Dataset, metrics: Sequence[Metric], topk: int = 10
+) -> Scores:
+    """Score `outputs` with each metric, and compare every output with FP32's (`reference`)."""
     started = time.perf_counter()
     scores: dict[str, float] = {}
     candidate = [batch.astype(np.float64) for batch in outputs.batches]
@@ -177,47 +243,86 @@ def evaluate(outputs: ModelOutputs, reference: ModelOutputs, dataset: Dataset, m
     for metric in metrics:
         if metric.function is not None:
             scores[metric.name] = _user_metric(metric, outputs, reference, dataset)
-        elif metric.name == "top1":
-            scores["top1"] = top1(candidate, dataset)
         elif metric.name == "cosine":
             similarity = cosine_per_sample(candidate, baseline)
             scores["cosine"] = float(similarity.mean())
             scores["cosine_min"] = float(similarity.min())
-        elif metric.name == "mae":
-            scores["mae"] = float(np.mean(np.abs(_flat(candidate) - _flat(baseline))))
-        elif metric.name == "nn_agreement":
-            scores["nn_agreement"] = nearest_neighbour_agreement(candidate, baseline)
-        elif metric.name == "mre":
-            scores["mre"] = float(
-                np.sum(np.abs(_flat(candidate) - _flat(baseline))) / max(np.sum(np.abs(_flat(baseline))), 1e-12)
-            )
-    return Scores(metrics=scores, samples=dataset.samples, seconds=time.perf_counter() - started)
+        else:
+            scores[metric.name] = BUILTIN_FUNCTIONS[metric.name](candidate, baseline, dataset)
+    fidelity = {
+        name: compare_output(outputs.outputs[name], reference.outputs[name], topk)
+        for name in reference.outputs
+        if name in outputs.outputs
+    }
+    return Scores(
+        scores,
+        dataset.samples,
+        time.perf_counter() - started,
+        {name: f for name, f in fidelity.items() if f is not None},
+    )
 
 
-def top1(outputs: list[np.ndarray], dataset: Dataset) -> float:
+def _per_sample(batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """One flat vector per sample; samples of different batches may differ in shape."""
+    return [row.reshape(-1) for batch in batches for row in batch]
+
+
+def top1(outputs: list[np.ndarray], reference: list[np.ndarray], dataset: Dataset) -> float:
     labels = dataset.labels()
     if labels is None:
         raise EvaluationError("metric top1 needs labels, and the evaluation data has none")
-    predicted = np.concatenate([np.argmax(batch.reshape(len(batch), -1), axis=-1) for batch in outputs])
+    predicted = np.asarray([int(np.argmax(vector)) for vector in _per_sample(outputs)])
     if len(predicted) != len(labels):
         raise EvaluationError(f"{len(predicted)} predictions for {len(labels)} labels")
     return float(np.mean(predicted == labels.reshape(-1)))
 
 
 def cosine_per_sample(outputs: list[np.ndarray], reference: list[np.ndarray]) -> np.ndarray:
-    candidate = np.concatenate([batch.reshape(len(batch), -1) for batch in outputs])
-    baseline = np.concatenate([batch.reshape(len(batch), -1) for batch in reference])
-    norms = np.linalg.norm(candidate, axis=1) * np.linalg.norm(baseline, axis=1)
-    return np.sum(candidate * baseline, axis=1) / np.maximum(norms, 1e-12)
+    similarities = []
+    for got, want in zip(_per_sample(outputs), _per_sample(reference), strict=True):
+        norms = float(np.linalg.norm(got) * np.linalg.norm(want))
+        same_zeros = norms == 0 and not got.any() and not want.any()  # two all-zero outputs are the same output
+        similarities.append(1.0 if same_zeros else float(got @ want) / max(norms, 1e-12))
+    return np.asarray(similarities)
 
 
-def nearest_neighbour_agreement(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
+def topk_agreement_per_sample(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], k: int) -> np.ndarray:
+    """Share of each sample's k largest FP32 output elements that are also among the variant's k largest."""
+    shares = []
+    for got, want in zip(_per_sample(outputs), _per_sample(reference), strict=True):
+        keep = min(k, want.size)
+        top_want = set(np.argpartition(-want, keep - 1)[:keep].tolist())
+        top_got = set(np.argpartition(-got, keep - 1)[:keep].tolist())
+        shares.append(len(top_want & top_got) / keep)
+    return np.asarray(shares)
+
+
+def topk_agreement(outputs: list[np.ndarray], reference: list[np.ndarray], dataset: Dataset) -> float:
+    return float(topk_agreement_per_sample(outputs, reference, TOPK).mean())
+
+
+def mae(outputs: list[np.ndarray], reference: list[np.ndarray], dataset: Dataset) -> float:
+    total = sum(float(np.abs(got - want).sum()) for got, want in zip(outputs, reference, strict=True))
+    return total / max(sum(want.size for want in reference), 1)
+
+
+def mre(outputs: list[np.ndarray], reference: list[np.ndarray], dataset: Dataset) -> float:
+    error = sum(float(np.abs(got - want).sum()) for got, want in zip(outputs, reference, strict=True))
+    return error / max(sum(float(np.abs(want).sum()) for want in reference), 1e-12)
+
+
+def nearest_neighbour_agreement(
+    outputs: list[np.ndarray], reference: list[np.ndarray], dataset: Dataset | None = None
+) -> float:
     """Share of samples whose nearest other sample (by cosine) is the same under both models."""
 
     def neighbours(batches: list[np.ndarray]) -> np.ndarray:
-        vectors = np.concatenate([batch.reshape(len(batch), -1) for batch in batches])
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        similarity = vectors @ vectors.T
+        vectors = _per_sample(batches)
+        if len({vector.size for vector in vectors}) != 1:
+            raise EvaluationError("nn_agreement needs every sample's output to have one shape")
+        matrix = np.stack(vectors)
+        matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+        similarity = matrix @ matrix.T
         np.fill_diagonal(similarity, -np.inf)
         return np.argmax(similarity, axis=1)
 
@@ -226,8 +331,46 @@ def nearest_neighbour_agreement(outputs: list[np.ndarray], reference: list[np.nd
     return float(np.mean(neighbours(outputs) == neighbours(reference)))
 
 
-def _flat(batches: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate([batch.reshape(-1) for batch in batches])
+TOPK = 10
+BuiltinMetric = Callable[[list[np.ndarray], list[np.ndarray], Dataset], float]
+BUILTIN_FUNCTIONS: dict[str, BuiltinMetric] = {
+    "top1": top1,
+    "mae": mae,
+    "mre": mre,
+    "nn_agreement": nearest_neighbour_agreement,
+    "topk_agreement": topk_agreement,
+}
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """One output of a variant against FP32's: what a mean metric can hide."""
+
+    sqnr_db: float  # signal-to-quantization-noise ratio over all samples
+    topk_agreement: float | None  # mean share of FP32's k largest elements kept (None: too few elements)
+    max_error_of_range: float  # largest |variant - FP32| over FP32's value range
+
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        metrics = {f"{prefix}sqnr_db": self.sqnr_db, f"{prefix}max_error_of_range": self.max_error_of_range}
+        if self.topk_agreement is not None:
+            metrics[f"{prefix}topk_agreement"] = self.topk_agreement
+        return metrics
+
+
+def compare_output(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], k: int) -> Fidelity | None:
+    """The variant's output against FP32's; None for outputs that are not floats."""
+    if not reference or reference[0].dtype.kind != "f":
+        return None
+    got = [batch.astype(np.float64) for batch in outputs]
+    want = [batch.astype(np.float64) for batch in reference]
+    signal = sum(float((w * w).sum()) for w in want)
+    noise = sum(float(((g - w) ** 2).sum()) for g, w in zip(got, want, strict=True))
+    sqnr = 100.0 if noise == 0 else min(100.0, 10 * math.log10(max(signal, 1e-30) / noise))
+    value_range = max(float(w.max()) for w in want) - min(float(w.min()) for w in want)
+    worst = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    per_sample = min(w[0].size for w in want)
+    agreement = float(topk_agreement_per_sample(got, want, k).mean()) if per_sample >= 2 * k else None
+    return Fidelity(sqnr, agreement, worst / value_range if value_range > 0 else float(worst > 0))
 
 
 def _user_metric(metric: Metric, outputs: ModelOutputs, reference: ModelOutputs, dataset: Dataset) -> float:
@@ -243,8 +386,13 @@ def _user_metric(metric: Metric, outputs: ModelOutputs, reference: ModelOutputs,
 
 
 def evaluate_model(
-    model: Path, dataset: Dataset, reference: ModelOutputs, metrics: Sequence[Metric], output: str | None = None
+    model: Path,
+    dataset: Dataset,
+    reference: ModelOutputs,
+    metrics: Sequence[Metric],
+    output: str | None = None,
+    topk: int = TOPK,
 ) -> Scores:
     """Run `model` on `dataset` and score it against labels and the FP32 `reference` outputs."""
     outputs = run_model(model, dataset, output or reference.output_name)
-    return evaluate(outputs, reference, dataset, metrics)
+    return evaluate(outputs, reference, dataset, metrics, topk)

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from int8flow.tasks.data import Batch, Tokenizer
+from int8flow.tasks.errors import InputError
 from int8flow.tasks.sources import HuggingFaceModelSource, PyTorchModelSource, TorchSource
 from int8flow.tasks.usercode import UserCodeError, call_user
 
@@ -27,8 +28,8 @@ HF_OUTPUT_NAMES = {
 PARITY_BATCHES = 4  # enough to catch a traced-away branch without doubling evaluation time
 
 
-class ExportError(RuntimeError):
-    pass
+class ExportError(InputError):
+    """The source model cannot be exported as the spec says (factory, checkpoint, torch export, parity)."""
 
 
 class ParityError(ExportError):

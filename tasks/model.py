@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from int8flow.tasks.errors import InputError
+
 
 class Graph(StrEnum):
     """Which FP32 graph a variant starts from."""
@@ -21,7 +23,7 @@ class Graph(StrEnum):
     FUSED = "fused"  # after ORT's transformer optimizer (it is the fused graph's pre-processing)
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """The model file cannot be used: missing, a folder, empty, or not an ONNX protobuf."""
 
 
@@ -44,6 +46,10 @@ class ModelInfo:
     @property
     def input_dtypes(self) -> dict[str, np.dtype]:
         return {tensor.name: np.dtype(tensor.dtype) for tensor in self.inputs}
+
+    @property
+    def input_shapes(self) -> dict[str, tuple[int | str | None, ...]]:
+        return {tensor.name: tensor.shape for tensor in self.inputs}
 
 
 def model_files(path: Path) -> list[Path]:

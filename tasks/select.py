@@ -8,7 +8,7 @@ fallback), the selection constraints and objective, and the alias decision. Reje
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
@@ -17,6 +17,10 @@ from pydantic import Field
 
 from int8flow.tasks.evaluate import Metric
 from int8flow.tasks.options import StrictModel
+from int8flow.tasks.timing import Speedup
+
+# How much faster one candidate ran than another in the decision's timing session (None: not timed together).
+Faster = Callable[[str, str], Speedup | None]
 
 
 class Selection(StrictModel):
@@ -33,7 +37,8 @@ class Selection(StrictModel):
         default=1.0,
         ge=0,
         le=1000,
-        description="Smallest accepted FP32/variant p50 latency ratio; 1.0 rejects anything slower than FP32.",
+        description="Smallest accepted speed-up over FP32 (ratio of medians from one timing session), judged on "
+        "the lower end of its 90 % interval: 1.0 rejects anything not clearly at least as fast as FP32.",
     )
     max_size_mb: float | None = Field(default=None, gt=0, description="Largest accepted model size.")
     objective: Literal["latency", "size", "accuracy"] = Field(
@@ -43,8 +48,9 @@ class Selection(StrictModel):
         default=0.03,
         ge=0,
         lt=1,
-        description="Latencies within this fraction of the fastest count as a tie (timing noise), broken "
-        "by accuracy, then size; the alias also moves only for a speed-up above 1 + this.",
+        description="Smallest speed-up worth a choice: a variant is faster than another only when the lower end "
+        "of their speed-up interval is above 1 + this; otherwise they tie, and the tie is broken by accuracy, "
+        "then size, then spec order. The alias moves by the same rule.",
     )
     batch_size: int | None = Field(
         default=None, ge=1, description="Profiled batch size that counts; default: the first."
@@ -62,6 +68,7 @@ class Rule(StrEnum):
 
     FAILED = "failed"
     MAX_DROP = "max_drop"
+    GUARD = "guard"  # the user's metric passed, a fidelity guard (top-k agreement, SQNR) collapsed
     MIN_SPEEDUP = "min_speedup"
     MAX_SIZE = "max_size_mb"
     NOT_TIMED = "not_timed"
@@ -114,10 +121,11 @@ class Candidate:
 
     name: str
     metrics: dict[str, float] = field(default_factory=dict)
-    speedup: float | None = None
+    speedup: Speedup | None = None  # over FP32, from the decision's timing session
     latency_ms: float | None = None
     size_bytes: int | None = None
     error: str | None = None
+    guard_failures: tuple[str, ...] = ()  # fidelity guards that collapsed (and are enforced)
 
 
 @dataclass(frozen=True)
@@ -156,32 +164,50 @@ def judge(candidate: Candidate, fp32_metrics: Mapping[str, float], accuracy: Acc
     check = accuracy.check(candidate.metrics, fp32_metrics)
     if not check.passed:
         rejections.append(Rejection(Rule.MAX_DROP, check.text))
+    rejections += [Rejection(Rule.GUARD, f"guard: {failure}") for failure in candidate.guard_failures]
     if candidate.speedup is None:
         if check.passed:  # a variant that missed the accuracy constraint is not timed at all
             rejections.append(Rejection(Rule.NOT_TIMED, "not profiled"))
-    elif candidate.speedup < rules.min_speedup:
-        rejections.append(
-            Rejection(Rule.MIN_SPEEDUP, f"speed-up {candidate.speedup:.2f}x < min_speedup {rules.min_speedup:g}x")
-        )
+    elif candidate.speedup.low < rules.min_speedup:
+        text = f"speed-up {candidate.speedup.text()} < min_speedup {rules.min_speedup:g}x at the interval's lower end"
+        rejections.append(Rejection(Rule.MIN_SPEEDUP, text))
     size_mb = (candidate.size_bytes or 0) / 1e6
     if rules.max_size_mb is not None and size_mb > rules.max_size_mb:
         rejections.append(Rejection(Rule.MAX_SIZE, f"size {size_mb:.1f} MB > max_size_mb {rules.max_size_mb:g}"))
     return Verdict(candidate.name, tuple(rejections), accuracy_drop=check.drop)
 
 
-def objective_key(
-    candidate: Candidate, metric: Metric, objective: str, fastest_ms: float = 0.0, tolerance: float = 0.0
-) -> tuple:
-    """Smaller is better. For latency, anything within `tolerance` of the fastest is a tie (timing
-    noise would otherwise pick a different twin on every run), broken by accuracy, then size."""
-    accuracy = candidate.metrics[metric.name] * (-1 if metric.higher_better else 1)
-    if objective == "latency":
-        latency = candidate.latency_ms or math.inf
-        tied = latency <= fastest_ms * (1 + tolerance)
-        return (0.0 if tied else latency, accuracy, candidate.size_bytes or 0, latency)
-    if objective == "size":
-        return (candidate.size_bytes or 0, accuracy, candidate.latency_ms or math.inf)
-    return (accuracy, candidate.latency_ms or math.inf, candidate.size_bytes or 0)
+def _accuracy_key(candidate: Candidate, metric: Metric) -> float:
+    return candidate.metrics[metric.name] * (-1 if metric.higher_better else 1)
+
+
+def best_of(eligible: Sequence[Candidate], metric: Metric, rules: Selection, faster: Faster | None = None) -> Candidate:
+    """The objective's best. Latency: the fastest, and every candidate it does not clearly beat (the lower
+    end of their speed-up interval at most 1 + `latency_tolerance`) ties with it; a tie goes to accuracy,
+    then size, then spec order, so timing noise cannot flip the choice."""
+    order = {candidate.name: index for index, candidate in enumerate(eligible)}
+    if rules.objective == "size":
+        return min(
+            eligible,
+            key=lambda c: (c.size_bytes or 0, _accuracy_key(c, metric), c.latency_ms or math.inf, order[c.name]),
+        )
+    if rules.objective == "accuracy":
+        return min(
+            eligible,
+            key=lambda c: (_accuracy_key(c, metric), c.latency_ms or math.inf, c.size_bytes or 0, order[c.name]),
+        )
+    fastest = min(eligible, key=lambda c: (c.latency_ms or math.inf, order[c.name]))
+
+    def clearly_slower(candidate: Candidate) -> bool:
+        if candidate is fastest:
+            return False
+        speedup = faster(fastest.name, candidate.name) if faster is not None else None
+        if speedup is not None:
+            return speedup.beats(rules.latency_tolerance)
+        return (candidate.latency_ms or math.inf) > (fastest.latency_ms or math.inf) * (1 + rules.latency_tolerance)
+
+    tied = [candidate for candidate in eligible if not clearly_slower(candidate)]
+    return min(tied, key=lambda c: (_accuracy_key(c, metric), c.size_bytes or 0, order[c.name]))
 
 
 def pareto_front(candidates: Sequence[Candidate], metric: Metric) -> tuple[str, ...]:
@@ -204,16 +230,21 @@ def pareto_front(candidates: Sequence[Candidate], metric: Metric) -> tuple[str, 
 
 
 def select(
-    candidates: Sequence[Candidate], fp32_metrics: Mapping[str, float], accuracy: AccuracyRule, rules: Selection
+    candidates: Sequence[Candidate],
+    fp32_metrics: Mapping[str, float],
+    accuracy: AccuracyRule,
+    rules: Selection,
+    faster: Faster | None = None,
 ) -> SelectionResult:
+    """Judge every candidate, then pick the objective's best among the eligible (`best_of`)."""
     metric = accuracy.metric
     verdicts = tuple(judge(candidate, fp32_metrics, accuracy, rules) for candidate in candidates)
     eligible = [c for c, verdict in zip(candidates, verdicts, strict=True) if verdict.eligible]
     pareto = pareto_front(candidates, metric)
     if eligible:
-        fastest = min(c.latency_ms or math.inf for c in eligible)
-        best = min(eligible, key=lambda c: objective_key(c, metric, rules.objective, fastest, rules.latency_tolerance))
-        summary = f"selected {best.name} (best {rules.objective} of {len(eligible)} variant(s) meeting the constraints)"
+        best = best_of(eligible, metric, rules, faster)
+        speed = f" at {best.speedup.text()} FP32" if best.speedup is not None else ""
+        summary = f"selected {best.name}{speed} (best {rules.objective} of {len(eligible)} variant(s) meeting the constraints)"
         return SelectionResult(best.name, verdicts, pareto, summary)
     if all(c.error is not None for c in candidates):
         summary = "no variant selected: every variant failed"
@@ -231,14 +262,17 @@ def _why_none(candidates: Sequence[Candidate], verdicts: Sequence[Verdict], rule
     ]
     too_large = sum(verdict.rejected_by(Rule.MAX_SIZE) for verdict in verdicts)
     failed = sum(verdict.rejected_by(Rule.FAILED) for verdict in verdicts)
+    guarded = sum(verdict.rejected_by(Rule.GUARD) and not verdict.rejected_by(Rule.MAX_DROP) for verdict in verdicts)
     parts = []
     if too_inaccurate:
         parts.append(f"{too_inaccurate} over max_drop")
+    if guarded:
+        parts.append(f"{guarded} within max_drop but with a collapsed fidelity guard")
     if accurate_but_slow:
-        fastest = max(accurate_but_slow, key=lambda c: c.speedup or 0.0)
+        fastest = max(accurate_but_slow, key=lambda c: c.speedup.value if c.speedup else 0.0)
         parts.append(
             f"{len(accurate_but_slow)} accurate enough but below min_speedup {rules.min_speedup:g}x "
-            f"(fastest: {fastest.name} at {fastest.speedup or 0.0:.2f}x)"
+            f"(fastest: {fastest.name} at {fastest.speedup.text() if fastest.speedup else '?'})"
         )
     if too_large:
         parts.append(f"{too_large} over max_size_mb")
@@ -288,7 +322,7 @@ def decide_alias(
     holder: Contender | None,
     objective: str,
     metric: Metric,
-    speedup_vs_holder: float | None = None,
+    speedup_vs_holder: Speedup | None = None,
     latency_tolerance: float = 0.0,
 ) -> AliasDecision:
     """Whether the newcomer takes the alias from `holder` (None: nobody holds it)."""
@@ -302,9 +336,9 @@ def decide_alias(
         if speedup_vs_holder is None:
             return AliasDecision(False, against + "the current holder could not be timed against the new version")
         return AliasDecision(
-            speedup_vs_holder > 1.0 + latency_tolerance,
-            against + f"new version is {speedup_vs_holder:.2f}x the holder's speed (timed interleaved, p50; "
-            f"needs > {1 + latency_tolerance:.2f}x)",
+            speedup_vs_holder.beats(latency_tolerance),
+            against + f"new version runs {speedup_vs_holder.text()} the holder's speed (one timing session; "
+            f"the alias moves only if the interval's lower end is above {1 + latency_tolerance:.2f}x)",
         )
     if objective == "size":
         if holder.size_bytes is None or newcomer.size_bytes is None:

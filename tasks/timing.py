@@ -125,7 +125,9 @@ def _speedup(slow: np.ndarray, fast: np.ndarray) -> Speedup:
     value = float(np.median(slow) / np.median(fast))
     rng = np.random.default_rng(SEED)
     picks = rng.integers(0, slow.shape[0], size=(BOOTSTRAP, slow.shape[0]))
-    ratios = np.median(slow[picks].reshape(BOOTSTRAP, -1), axis=1) / np.median(fast[picks].reshape(BOOTSTRAP, -1), axis=1)
+    ratios = np.median(slow[picks].reshape(BOOTSTRAP, -1), axis=1) / np.median(
+        fast[picks].reshape(BOOTSTRAP, -1), axis=1
+    )
     low, high = np.percentile(ratios, [5, 95])
     return Speedup(value, float(min(low, value)), float(max(high, value)))
 

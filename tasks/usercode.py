@@ -22,11 +22,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from int8flow.tasks.errors import InputError
+
 # sys.path is process-wide and the pipeline's stages run in threads: one import at a time.
 _IMPORT_LOCK = threading.RLock()
 
 
-class UserCodeError(ValueError):
+class UserCodeError(InputError):
     """A user-code reference that cannot be found or loaded, or user code that failed."""
 
 

@@ -17,9 +17,10 @@ from int8flow.tasks.hardware import HARDWARE_PRESETS, detect, preset_for
 from int8flow.tasks.kinds import DynamicVariant, Fp16Variant, MakeJob, StaticVariant, WeightOnlyInt4Variant
 from int8flow.tasks.model import Graph, inspect_model
 from int8flow.tasks.preprocess import Preprocess, preprocess
-from int8flow.tasks.profile import input_feed, profile_pair
+from int8flow.tasks.profile import input_feed
 from int8flow.tasks.quantize import QuantizationError, quantize
 from int8flow.tasks.select import AccuracyRule, Candidate, Contender, Selection, decide_alias, pareto_front, select
+from int8flow.tasks.timing import Speedup, time_session
 
 METRICS = [Metric(name="top1"), Metric(name="cosine"), Metric(name="mae")]
 
@@ -160,40 +161,56 @@ def test_fp16_without_kept_io_types_gets_float16_inputs(prepared, digits_model):
     result = quantize(digits_model.model, variant, job(work / "fp16-io" / "model.onnx"))
     assert inspect_model(result.path).inputs[0].dtype == "float16"
     assert evaluate_model(result.path, evaluation, reference, METRICS).metrics["top1"] >= digits_model.fp32_top1 - 0.01
-    pair = profile_pair(digits_model.model, result.path, input_feed(evaluation, 4), threads=1, warmup=1, runs=5)
-    assert pair.candidate.runs == 5
+    # float32 data, float16 inputs: each model is fed the same samples in its own input type
+    session = time_session({"fp32": digits_model.model, "h16": result.path}, input_feed(evaluation, 4), 1, 1, 6)
+    assert session.models["h16"].rounds.size >= 6
 
 
-def test_profile_pair_interleaves_same_feed(prepared, digits_model):
-    _info, _pre, evaluation, *_ = prepared
+def test_one_timing_session_interleaves_every_model_and_gives_intervals(prepared, digits_model):
+    _info, pre, evaluation, *_ = prepared
     feed = input_feed(evaluation, 32)
     assert feed["pixels"].shape == (32, 64)
-    pair = profile_pair(digits_model.model, digits_model.model, feed, threads=1, warmup=2, runs=20)
-    assert pair.baseline.runs == pair.candidate.runs == 20
-    assert 0 < pair.candidate.p50_ms <= pair.candidate.p90_ms <= pair.candidate.p99_ms
-    assert 0.5 < pair.speedup < 2.0  # the same model against itself
+    # given FP32, an identical copy of it, and the pre-processed graph, timed together in one session
+    models = {"fp32": digits_model.model, "same": digits_model.model, "pre": pre.path}
+    session = time_session(models, feed, threads=1, warmup=2, runs=30)
+    # then every model ran the same number of runs, in at least the planned rounds
+    shapes = {name: timing.rounds.shape for name, timing in session.models.items()}
+    assert len(set(shapes.values())) == 1 and session.rounds >= 10 and shapes["fp32"][1] == 3
+    metrics = session.models["same"].as_metrics("b32_t1")
+    assert 0 < metrics["b32_t1_p50_ms"] <= metrics["b32_t1_p90_ms"] <= metrics["b32_t1_p99_ms"]
+    # and each speed-up is a ratio of medians inside its own 90 % interval; a model against itself is ~1x
+    same = session.speedup("same")
+    assert same.low <= same.value <= same.high and 0.7 < same.value < 1.4
+    assert session.speedup("fp32").value == 1.0
+    flipped = session.speedup("fp32", over="same")
+    assert abs(flipped.value * same.value - 1.0) < 1e-9
+    assert session.load.other_cores >= 0 and "rounds" in session.summary()
+
+
+def _x(value: float, spread: float = 0.02) -> Speedup:
+    return Speedup(value, value - spread, value + spread)
 
 
 def test_selection_applies_each_constraint_and_says_why():
     metric = Metric(name="top1")
     fp32 = {"top1": 0.95}
     candidates = [
-        Candidate("fast-but-wrong", {"top1": 0.80}, speedup=3.0, latency_ms=1.0, size_bytes=100),
-        Candidate("slow", {"top1": 0.95}, speedup=0.5, latency_ms=4.0, size_bytes=100),
-        Candidate("good", {"top1": 0.945}, speedup=1.5, latency_ms=2.0, size_bytes=300),
-        Candidate("good-small", {"top1": 0.944}, speedup=1.4, latency_ms=2.1, size_bytes=200),
+        Candidate("fast-but-wrong", {"top1": 0.80}, speedup=_x(3.0), latency_ms=1.0, size_bytes=100),
+        Candidate("slow", {"top1": 0.95}, speedup=_x(0.5), latency_ms=4.0, size_bytes=100),
+        Candidate("good", {"top1": 0.945}, speedup=_x(1.5), latency_ms=2.0, size_bytes=300),
+        Candidate("good-small", {"top1": 0.944}, speedup=_x(1.4), latency_ms=2.1, size_bytes=200),
         Candidate("crashed", error="QuantizationError: boom"),
     ]
     rules = Selection(max_drop=0.01, min_speedup=1.0, objective="latency", latency_tolerance=0.0)
 
-    def selected(rules: Selection, among: list[Candidate] = candidates):
-        return select(among, fp32, rules.accuracy_rule(metric), rules)
+    def selected(rules: Selection, among: list[Candidate] = candidates, faster=None):
+        return select(among, fp32, rules.accuracy_rule(metric), rules, faster)
 
     result = selected(rules)
     assert result.selected == "good"
     reasons = {v.name: " ".join(v.reasons) for v in result.verdicts}
     assert "top1 drop 0.15 > max_drop 0.01" in reasons["fast-but-wrong"]
-    assert "speed-up 0.50x < min_speedup 1x" in reasons["slow"]
+    assert "speed-up 0.50x [0.48-0.52] < min_speedup 1x" in reasons["slow"]
     assert reasons["crashed"].startswith("failed: QuantizationError")
     assert selected(rules.model_copy(update={"objective": "size"})).selected == "good-small"
     assert set(pareto_front(candidates, metric)) == {"fast-but-wrong", "good", "slow"}
@@ -201,14 +218,52 @@ def test_selection_applies_each_constraint_and_says_why():
     assert nothing.selected is None and "none meets the constraints" in nothing.summary
     relative = selected(rules.model_copy(update={"max_drop": 0.2, "drop": "relative"}))
     assert relative.selected == "fast-but-wrong"
-    # within the latency tolerance the more accurate twin wins, whatever the noise said
-    tied = selected(rules.model_copy(update={"latency_tolerance": 0.06}))
-    assert tied.selected == "good"
-    tied_twins = [Candidate("a", {"top1": 0.942}, 1.5, 2.00, 100), Candidate("b", {"top1": 0.945}, 1.45, 2.05, 100)]
-    assert selected(rules.model_copy(update={"latency_tolerance": 0.03}), tied_twins).selected == "b"
-    assert selected(rules, tied_twins).selected == "a"
     # rejections are values: counted by rule, not found by searching their text
     assert "1 over max_drop" in nothing.summary and "1 accurate enough but below min_speedup" in nothing.summary
+
+
+def test_min_speedup_is_judged_on_the_lower_end_of_the_interval():
+    metric = Metric(name="top1")
+    rules = Selection(max_drop=0.01, min_speedup=1.0)
+    maybe = Candidate("maybe", {"top1": 0.95}, speedup=Speedup(1.04, 0.97, 1.10), latency_ms=1.0, size_bytes=1)
+    sure = Candidate("sure", {"top1": 0.95}, speedup=Speedup(1.04, 1.01, 1.07), latency_ms=1.0, size_bytes=1)
+    verdicts = select([maybe, sure], {"top1": 0.95}, rules.accuracy_rule(metric), rules).verdicts
+    assert [v.eligible for v in verdicts] == [False, True]
+    assert "1.04x [0.97-1.10] < min_speedup 1x at the interval's lower end" in verdicts[0].reasons[0]
+
+
+def test_candidates_the_fastest_does_not_clearly_beat_tie_and_accuracy_decides():
+    metric = Metric(name="cosine")
+    fp32 = {"cosine": 1.0}
+    rules = Selection(max_drop=0.01, latency_tolerance=0.0)
+    twins = [
+        Candidate("quick", {"cosine": 0.991}, _x(1.60), 10.0, 100),
+        Candidate("careful", {"cosine": 0.995}, _x(1.55), 10.3, 100),
+        Candidate("slower", {"cosine": 0.999}, _x(1.20), 13.3, 100),
+    ]
+
+    def pick(faster):
+        return select(twins, fp32, rules.accuracy_rule(metric), rules, faster).selected
+
+    # the session cannot tell quick from careful (their interval spans 1) but clearly beats slower:
+    # quick and careful tie, and the more accurate of the two wins, whatever the point estimates say
+    overlapping = {("quick", "careful"): Speedup(1.03, 0.99, 1.07), ("quick", "slower"): Speedup(1.33, 1.28, 1.38)}
+    assert pick(lambda a, b: overlapping.get((a, b))) == "careful"
+    # when the session separates them, the faster one wins
+    separated = overlapping | {("quick", "careful"): Speedup(1.03, 1.02, 1.05)}
+    assert pick(lambda a, b: separated.get((a, b))) == "quick"
+    # and a tolerance makes a small but certain difference a tie again
+    tolerant = rules.model_copy(update={"latency_tolerance": 0.03})
+    assert (
+        select(twins, fp32, tolerant.accuracy_rule(metric), tolerant, lambda a, b: separated.get((a, b))).selected
+        == "careful"
+    )
+    # the same inputs always give the same choice; among full ties, spec order decides
+    same = [Candidate(name, {"cosine": 0.995}, _x(1.5), 10.0, 100) for name in ("first", "second")]
+    assert (
+        select(same, fp32, rules.accuracy_rule(metric), rules, lambda a, b: Speedup(1.0, 0.95, 1.05)).selected
+        == "first"
+    )
 
 
 def test_alias_moves_only_when_the_new_version_beats_the_holder():
@@ -222,9 +277,10 @@ def test_alias_moves_only_when_the_new_version_beats_the_holder():
     assert decide_alias(new, holder, "accuracy", metric).move
     assert not decide_alias(version("2", 0.3, 10), holder, "accuracy", metric).move
     assert decide_alias(version("2", 0.3, 9), holder, "size", metric).move
-    assert not decide_alias(new, holder, "latency", metric, 0.97).move
-    assert decide_alias(new, holder, "latency", metric, 1.2).move
-    assert not decide_alias(new, holder, "latency", metric, 1.02, latency_tolerance=0.03).move
+    assert not decide_alias(new, holder, "latency", metric, _x(0.97)).move
+    assert decide_alias(new, holder, "latency", metric, _x(1.2)).move
+    assert not decide_alias(new, holder, "latency", metric, Speedup(1.06, 0.98, 1.12)).move, "within the noise"
+    assert not decide_alias(new, holder, "latency", metric, _x(1.04), latency_tolerance=0.03).move
     assert not decide_alias(new, holder, "latency", metric, None).move, "an untimed holder keeps the alias"
     assert not decide_alias(new, version("2", 0.2, 10), "accuracy", metric).move, "the same version"
     other_data = decide_alias(new, version("1", 0.9, 99, data="eval-b"), "accuracy", metric)
