@@ -147,7 +147,9 @@ def _load(
         raw = _split(_read_npz(source.path), source.batch_size)
     else:  # the spec guarantees one of the two
         raise DataError("data source has neither path nor callable")
-    batches = tuple(_truncate((_checked(batch, input_dtypes, ignore_extra_inputs, input_shapes) for batch in raw), limit))
+    batches = tuple(
+        _truncate((_checked(batch, input_dtypes, ignore_extra_inputs, input_shapes) for batch in raw), limit)
+    )
     if not batches:
         raise DataError("the data source gave no samples")
     return Dataset(batches=batches, fingerprint=fingerprint(batches))
@@ -261,7 +263,9 @@ def _check_values(name: str, array: np.ndarray, wanted: np.dtype) -> None:
     if kind == "c":
         raise DataError(f"input {name!r} is complex ({array.dtype}); casting to {wanted} would drop the imaginary part")
     if not np.can_cast(array.dtype, wanted, casting="same_kind") and not (kind == "b" or wanted.kind == "b"):
-        raise DataError(f"input {name!r} is {array.dtype}; the model takes {wanted}, and the cast would change the values")
+        raise DataError(
+            f"input {name!r} is {array.dtype}; the model takes {wanted}, and the cast would change the values"
+        )
     if kind == "f" and not np.isfinite(array).all():
         bad = int(np.argwhere(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))[0][0]) if array.ndim else 0
         raise DataError(f"input {name!r} contains NaN or Inf (first in sample {bad} of its batch)")

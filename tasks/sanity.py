@@ -40,10 +40,14 @@ def _top1_warnings(top1: float, reference: ModelOutputs, dataset: Dataset) -> li
     warnings = []
     outside = int(np.sum((labels < 0) | (labels >= classes)))
     if outside:
-        warnings.append(f"{outside} of {labels.size} labels are outside the output's {classes} classes (0..{classes - 1})")
+        warnings.append(
+            f"{outside} of {labels.size} labels are outside the output's {classes} classes (0..{classes - 1})"
+        )
     counts = np.bincount(labels[(labels >= 0)], minlength=1)
     if np.count_nonzero(counts) == 1:
-        warnings.append(f"every label is class {int(np.argmax(counts))}: top1 cannot tell a good model from a constant one")
+        warnings.append(
+            f"every label is class {int(np.argmax(counts))}: top1 cannot tell a good model from a constant one"
+        )
     majority = counts.max() / labels.size if labels.size else 1.0
     chance = max(1.0 / classes, majority)
     if top1 <= chance * 1.5:
@@ -57,9 +61,7 @@ def constant_metric_warning(metric: str, fp32: float, variants: Mapping[str, Sco
     if len(values) < 2 or any(value != fp32 for value in values):
         return None
     moved = [
-        name
-        for name, scores in variants.items()
-        if any(fidelity.sqnr_db < 20 for fidelity in scores.fidelity.values())
+        name for name, scores in variants.items() if any(fidelity.sqnr_db < 20 for fidelity in scores.fidelity.values())
     ]
     if not moved:
         return None
