@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 
+from int8flow.flows.runlog import VERBOSE_ENV, run_log
 from int8flow.flows.specfile import SpecError, load_spec
 
 app = typer.Typer(
@@ -21,11 +24,29 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # file:line stays on one line
 out = Console(highlight=False, soft_wrap=True)
 EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
 
 
-def _validated(spec_file: Path):
+def _version(value: bool) -> None:
+    if value:
+        from int8flow import __version__
+
+        typer.echo(f"int8flow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Quantize an FP32 model into the best INT8/int4/fp16 ONNX variant for this CPU, and prove it."""
+
+
+def _validated(spec_file: Path, import_code: bool = False) -> Any:
     try:
-        return load_spec(spec_file)
+        return load_spec(spec_file, import_code=import_code)
     except SpecError as error:
         for problem in sorted(error.problems, key=lambda p: p.line or 0):
             err.print(f"[red]error[/] {problem}")
@@ -34,12 +55,22 @@ def _validated(spec_file: Path):
 
 
 @app.command()
-def validate(spec_files: list[Path] = typer.Argument(..., help="Pipeline spec(s) (YAML).")) -> None:
-    """Check specs and report every error at once (exit 2 on error); runs nothing."""
+def validate(
+    spec_files: list[Path] = typer.Argument(..., help="Pipeline spec(s) (YAML)."),
+    import_code: bool = typer.Option(
+        False, "--import", help="Also import the spec's own modules (callable/factory/function) to check them."
+    ),
+) -> None:
+    """Check specs and report every error at once (exit 2 on error).
+
+    Runs no code of the spec's: a `module:function` reference is only looked up as a file (`--import` imports it, and so runs its top-level code). A spec is trusted like code: `int8flow run` calls its functions.
+
+    The ONNX model's inputs and outputs and the data files' array headers are read and checked against each other (not the weights, not the arrays).
+    """
     failed = False
     for spec_file in spec_files:
         try:
-            spec = _validated(spec_file)
+            spec = _validated(spec_file, import_code)
         except typer.Exit:
             failed = True
             continue
@@ -73,7 +104,9 @@ def schema(
 @app.command()
 def run(
     spec_file: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's own task-run logs."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Also show the libraries' warnings (ORT, Prefect) on the console."
+    ),
     dask_address: str | None = typer.Option(
         None, "--dask-address", help="Fan variants out over an existing Dask cluster (scheduler address)."
     ),
@@ -81,12 +114,23 @@ def run(
         None, "--dask-workers", min=1, help="Fan variants out over a local Dask cluster of this many worker processes."
     ),
 ) -> None:
-    """Run the whole pipeline: quantize, evaluate, profile, select, register."""
+    """Run the whole pipeline: quantize, evaluate, time, select, register.
+
+    Exit codes: 0 a variant was promoted or nothing better was found; 2 bad input (the spec, model, data, checkpoint or the spec's own code: one line says what, nothing is registered); 1 a failure of int8flow or of the machine (the traceback is in the run's log file, also attached to the MLflow run).
+    """
     spec = _validated(spec_file)  # bad input stops here, before any run is created
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
     from int8flow.flows.tracking import configure_environment
 
     configure_environment()
+    with run_log(spec.name) as log:
+        code = _guarded(spec_file, log, lambda: _run_flow(spec, spec_file, dask_address, dask_workers))
+    if code:
+        raise typer.Exit(code)
+
+
+def _run_flow(spec: Any, spec_file: Path, dask_address: str | None, dask_workers: int | None) -> None:
     _overlapped_startup(spec)
     from int8flow.flows.pipeline import dask_task_runner, quantization_pipeline
 
@@ -95,18 +139,39 @@ def run(
             task_runner=dask_task_runner(dask_address, dask_workers)
         )
         out.print(f"fan-out: Dask {dask_address or f'local cluster of {dask_workers} worker process(es)'}")
-
-    from int8flow.tasks.errors import InputError
-
-    try:
-        outcome = quantization_pipeline(str(spec_file.resolve()))
-    except InputError as error:
-        # the model, the data or the user's code does not fit the spec: bad input, reported like a spec
-        # error; the MLflow run was already ended FAILED with this error, and nothing was registered
-        err.print(f"[red]error[/] {spec_file}: {type(error).__name__}: {error}")
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+    outcome = quantization_pipeline(str(spec_file.resolve()))
     if outcome["selected"] is None:
         out.print(f"[yellow]{outcome['summary']}; nothing promoted[/]")
+
+
+def _guarded(spec_file: Path, log: Path, work: Callable[[], None]) -> int:
+    """Run `work`; turn what it raises into one line on the console (and its traceback into the log)."""
+    from int8flow.flows.prefect_local import Terminated
+    from int8flow.tasks.errors import InputError
+
+    logger = logging.getLogger("int8flow")
+    try:
+        work()
+    except InputError as error:
+        # the model, the data or the user's code does not fit the spec: reported like a spec error; the
+        # MLflow run was already ended FAILED with this error, and nothing was registered
+        logger.error("bad input", exc_info=True)
+        err.print(f"[red]error[/] {spec_file}: {error}")
+        return EXIT_BAD_INPUT
+    except SpecError as error:  # the spec changed on disk since it was validated
+        for problem in error.problems:
+            err.print(f"[red]error[/] {problem}")
+        return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, Terminated):
+        logger.error("interrupted", exc_info=True)
+        err.print("[red]interrupted[/]: the MLflow runs were ended KILLED")
+        return 130
+    except Exception as error:
+        logger.error("failed", exc_info=True)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        err.print(f"[red]failed[/] {type(error).__name__}: {first}\n  the traceback is in {log}")
+        return EXIT_FAILURE
+    return 0
 
 
 @app.command()

@@ -15,8 +15,9 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from int8flow.flows.console import say
+from int8flow.flows.console import say, warn
 from int8flow.flows.run import PipelineOutcome, run_pipeline
+from int8flow.flows.runlog import run_log
 from int8flow.flows.runner import PrefectRunner
 from int8flow.flows.specfile import load_spec
 from int8flow.flows.tracking import MlflowStore, PipelineRun
@@ -36,8 +37,11 @@ def quantization_pipeline(spec_file: str, model_path: str | None = None) -> dict
     model = Path(model_path).resolve() if model_path is not None else None
     if model is not None:
         spec = spec.with_model_file(model)
-    with PipelineRun.open(MlflowStore(), spec.name, model) as run:
+    # a deployment's worker has no CLI around it: the flow keeps its own log then
+    with run_log(spec.name), PipelineRun.open(MlflowStore(), spec.name, model) as run:
         say("run", f"{spec.name}: MLflow run {run.run_id}")
+        if run.swept:
+            warn("run", f"{len(run.swept)} run(s) left RUNNING by processes that are gone were marked FAILED")
         outcome = run_pipeline(spec, spec_path, PrefectRunner(), run)
     say("done", outcome.summary)
     return outcome.as_dict()

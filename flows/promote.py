@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import onnx
 import onnxruntime
 
+from int8flow.flows import faults
 from int8flow.flows.console import say
 from int8flow.flows.locks import exclusive
 from int8flow.flows.records import VariantRecord
@@ -23,6 +24,9 @@ from int8flow.flows.tracking import RegisteredVersion, Tag, onnx_signature
 from int8flow.tasks.calibrate import CalibrationKey, CalibrationRanges
 from int8flow.tasks.select import Contender, decide_alias, holder_needs_timing
 from int8flow.tasks.timing import time_session
+
+# Registration is a few seconds; a live holder keeping it longer than this is stuck, not busy.
+REGISTRY_LOCK_SECONDS = 900
 
 
 @dataclass(frozen=True)
@@ -38,12 +42,15 @@ def promote(
     registry = job.spec.registry
     if registry is None or not registry.promote:
         return None
-    with exclusive(f"int8flow-registry-{_lock_name(registry.model_name)}"):
+    lock = f"registry-{registry.model_name}"
+    with exclusive(
+        lock,
+        REGISTRY_LOCK_SECONDS,
+        f"promoting {record.name} of run {job.run.run_id}",
+        lambda text: say("register", text),
+    ):
+        faults.point("registry-locked")
         return _register_and_decide(job, record, baseline, ranges)
-
-
-def _lock_name(text: str) -> str:
-    return "".join(character if character.isalnum() or character in "-_" else "_" for character in text)
 
 
 def recipe(
@@ -87,12 +94,16 @@ def _register(
         Tag.EVAL_FINGERPRINT: baseline.data.fingerprint,
         Tag.SIZE_BYTES: str(record.made.size_bytes),
         Tag.OBJECTIVE: job.spec.selection.objective,
+        # until the alias decision is made and recorded; a run killed in between leaves it pending, and
+        # the next run with the same recipe reuses this version and makes the decision
+        Tag.REGISTRATION: "pending",
     } | {f"{Tag.METRIC}{name}": repr(value) for name, value in record.scores.metrics.items()}
     signature = onnx_signature(baseline.source.inputs, baseline.source.outputs)
     registered = store.register(
         job.run.variant_run(record.name), record.made.path, registry.model_name, signature, tags
     )
     say("register", f"{registry.model_name} v{registered.version} <- {record.name}")
+    faults.point("registered")
     return registered
 
 
@@ -135,5 +146,8 @@ def _register_and_decide(
         say("promote", f"[green]@{registry.alias} -> v{registered.version}[/] ({decision.reason})")
     else:
         say("promote", f"@{registry.alias} unchanged ({decision.reason})")
+    store.tag_version(
+        registry.model_name, registered.version, {Tag.REGISTRATION: "complete", Tag.ALIAS_DECISION: reason}
+    )
     job.run.alias_decision(record.name, registered.version, reason)
     return Promotion(registered.version, decision.move, reason)

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from int8flow.flows import steps
-from int8flow.flows.console import say
+from int8flow.flows.console import fail, say
 from int8flow.flows.fallbacks import retry_inaccurate
 from int8flow.flows.plan import make_plan
 from int8flow.flows.promote import Promotion, promote
-from int8flow.flows.records import VariantRecord
+from int8flow.flows.records import VariantRecord, describe
 from int8flow.flows.runner import Runner
 from int8flow.flows.spec import PipelineSpec
 from int8flow.flows.steps import Baseline, Job
@@ -82,6 +82,7 @@ def _conclude(
         say("select", f"{verdict.name}: {status}")
     say("select", result.summary)
     promotion: Promotion | None = None
+    failed_registration: Exception | None = None
     for record, chosen, verdict in zip(records.values(), candidates, result.verdicts, strict=True):
         if not job.run.has_variant(record.name):
             steps.log_made(job, record, baseline)
@@ -93,9 +94,15 @@ def _conclude(
             steps.explain_warnings(record, chosen)
             steps.held_out(job, record, baseline)
         if selected and register:
-            promotion = promote(job, record, baseline, ranges)
+            try:
+                promotion = promote(job, record, baseline, ranges)
+            except Exception as error:  # noqa: BLE001 - the results stay; the run ends FAILED below
+                failed_registration = error
+                fail("register", f"{record.name}: registration failed: {describe(error)}")
         job.run.close_variant(record.name)
     _summary(job, candidates, fp32_candidate(baseline, session), result, promotion)
+    if failed_registration is not None:
+        raise failed_registration
     return PipelineOutcome(
         parent_run_id=job.run.run_id,
         selected=result.selected,

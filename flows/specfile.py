@@ -19,7 +19,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from int8flow.flows.spec import PipelineSpec, dotted, spec_model
+from int8flow.tasks.data import DataSource
 from int8flow.tasks.kinds import KINDS, KindRegistry
+from int8flow.tasks.preflight import Mismatch, check_against_model
 from int8flow.tasks.sources import MODEL_SOURCES
 
 MAX_SPEC_BYTES = 1_000_000
@@ -95,9 +97,27 @@ def load_spec(
     for rule in spec.problems():
         location = _data_location(root, rule.location)
         problems.append(SpecProblem(file, _line(root, location), dotted(location), rule.message))
+    if not problems and check_imports:
+        for mismatch in preflight(spec):
+            location = _data_location(root, mismatch.location)
+            problems.append(SpecProblem(file, _line(root, location), dotted(location), mismatch.message))
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def preflight(spec: PipelineSpec) -> list[Mismatch]:
+    """The spec's ONNX model and data files checked against each other (`tasks.preflight`)."""
+    if spec.model.source != "onnx":
+        return []
+    sources: dict[tuple[str | int, ...], DataSource] = {("evaluation", "data"): spec.evaluation.data}
+    if spec.calibration is not None:
+        sources[("calibration", "data")] = spec.calibration.data
+    if spec.evaluation.test is not None:
+        sources[("evaluation", "test")] = spec.evaluation.test
+    names = [metric.name for metric in spec.evaluation.metrics]
+    needs_labels = ("evaluation", "metrics", names.index("top1")) if "top1" in names else None
+    return check_against_model(spec.model.path, sources, spec.evaluation.output, needs_labels)
 
 
 def _read(file: Path) -> str:

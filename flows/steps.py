@@ -16,6 +16,7 @@ import onnx
 import onnxruntime
 
 from int8flow import __version__
+from int8flow.flows import faults
 from int8flow.flows.console import say, warn
 from int8flow.flows.plan import Plan
 from int8flow.flows.records import VariantRecord, attempt
@@ -212,6 +213,7 @@ def fp32_baseline(job: Job, source: ModelInfo) -> Baseline:
         job.run.warn(warning)
         warn("fp32", f"evaluation looks degenerate: {warning}")
     job.run.fp32(scores.metrics, source.size_bytes, data.fingerprint)
+    faults.point("fp32-done")
     return Baseline(source, data, reference, scores)
 
 
@@ -366,6 +368,7 @@ def log_made(job: Job, record: VariantRecord, baseline: Baseline) -> None:
         tags[Tag.FALLBACK_OF] = record.fallback_of
         tags[Tag.KEPT_IN_FLOAT] = ",".join(record.variant.excluded_nodes())
     job.run.variant_made(record.name, metrics, tags, record.made.path)
+    faults.point("variant-logged")
 
 
 def judge_accuracy(job: Job, records: Mapping[str, VariantRecord], baseline: Baseline) -> None:

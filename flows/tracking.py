@@ -17,7 +17,9 @@ import contextlib
 import json
 import os
 import re
+import socket
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Iterator, Mapping
@@ -96,6 +98,13 @@ class Tag:
     METRIC = "int8flow.metric."  # + metric name: the version's score
     # watcher claims
     CLAIM = "int8flow.claim."
+    # the process that owns a RUNNING run: how a later run tells it died (see MlflowStore.sweep_abandoned)
+    HOST = "int8flow.host"
+    PID = "int8flow.pid"
+    PROCESS_START = "int8flow.process_start"  # /proc/<pid>/stat start time: a reused pid is another process
+    HEARTBEAT = "int8flow.heartbeat"  # epoch seconds, renewed every HEARTBEAT_SECONDS while the run is open
+    ABANDONED = "int8flow.abandoned"  # why a later run marked this run FAILED
+    REGISTRATION = "int8flow.registration"  # on a version: "pending" until its alias decision is made
 
 
 def embedded_tracking_uri(root: Path | None = None) -> str:
@@ -133,6 +142,66 @@ class RegisteredVersion:
     name: str
     version: str
     reused: bool  # an identical version (same recipe) was already registered
+
+
+HEARTBEAT_SECONDS = 60
+# A RUNNING run from another machine whose heartbeat is older than this is taken for dead.
+STALE_HEARTBEAT_SECONDS = 900
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of process `pid` (clock ticks since boot), or None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_identity() -> dict[str, str]:
+    return {
+        Tag.HOST: socket.gethostname(),
+        Tag.PID: str(os.getpid()),
+        Tag.PROCESS_START: _process_start(os.getpid()) or "",
+        Tag.HEARTBEAT: str(int(time.time())),
+    }
+
+
+def owner_is_gone(tags: Mapping[str, str], now: float | None = None) -> str | None:
+    """Why the process that owns a run with these tags is dead, or None if it may be alive."""
+    if Tag.PID not in tags:
+        return None
+    if tags.get(Tag.HOST) == socket.gethostname():
+        start = _process_start(int(tags[Tag.PID]))
+        if start is None:
+            return f"process {tags[Tag.PID]} on {tags[Tag.HOST]} is gone"
+        if tags.get(Tag.PROCESS_START) and start != tags[Tag.PROCESS_START]:
+            return f"process {tags[Tag.PID]} on {tags[Tag.HOST]} is gone (its pid now belongs to another process)"
+        return None
+    beat = float(tags.get(Tag.HEARTBEAT, "0") or 0)
+    silent = (now or time.time()) - beat
+    if silent > STALE_HEARTBEAT_SECONDS:
+        return f"process {tags[Tag.PID]} on {tags.get(Tag.HOST)} has not renewed its heartbeat for {silent:.0f} s"
+    return None
+
+
+class Heartbeat:
+    """Renews the run's heartbeat tag in the background until stopped."""
+
+    def __init__(self, store: MlflowStore, run_id: str, seconds: float = HEARTBEAT_SECONDS):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, args=(store, run_id, seconds), daemon=True, name="int8flow-heartbeat"
+        )
+        self._thread.start()
+
+    def _beat(self, store: MlflowStore, run_id: str, seconds: float) -> None:
+        while not self._stop.wait(seconds):
+            with contextlib.suppress(Exception):  # a missed beat only makes the run look older
+                store.client.set_tag(run_id, Tag.HEARTBEAT, str(int(time.time())))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 class MlflowStore:
@@ -188,6 +257,27 @@ class MlflowStore:
             raise
         else:
             self.end_if_running(run_id)
+
+    def sweep_abandoned(self, experiment_id: str) -> list[str]:
+        """Mark FAILED every run of this experiment left RUNNING by a process that is gone (and the runs
+        nested under it); return their ids."""
+        running = self.client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+        by_parent: dict[str, list[Any]] = {}
+        for run in running:
+            by_parent.setdefault(run.data.tags.get("mlflow.parentRunId", ""), []).append(run)
+        swept = []
+        for run in running:
+            why = owner_is_gone(run.data.tags)
+            if why is None:
+                continue
+            stack = [run]
+            while stack:
+                current = stack.pop()
+                stack += by_parent.get(current.info.run_id, [])
+                self.client.set_tag(current.info.run_id, Tag.ABANDONED, f"{why}: marked FAILED by a later run")
+                self.end(current.info.run_id, "FAILED", f"abandoned: {why}")
+                swept.append(current.info.run_id)
+        return swept
 
     def end_if_running(self, run_id: str, status: str = "FINISHED") -> None:
         if self.client.get_run(run_id).info.status == "RUNNING":
@@ -367,6 +457,7 @@ class PipelineRun:
         self.run_id = run_id
         self._variant_runs: dict[str, str] = {}
         self._warnings: list[str] = []
+        self.swept: list[str] = []  # runs of dead processes this run's start marked FAILED
 
     def warn(self, warning: str) -> None:
         """A warning about the whole run (the target, the evaluation), kept on the parent run."""
@@ -377,20 +468,34 @@ class PipelineRun:
     @contextlib.contextmanager
     def open(cls, store: MlflowStore, pipeline: str, model_path: Path | None = None) -> Iterator[PipelineRun]:
         """The parent run, ended FAILED (with the error) if the pipeline raises, FINISHED otherwise;
-        variant runs still open then are ended with it."""
+        variant runs still open then are ended with it. Runs that a dead process left RUNNING in this
+        experiment are marked FAILED first; this run carries its process's identity and a heartbeat."""
         experiment = store.experiment_id(pipeline)
+        swept = store.sweep_abandoned(experiment)
         tags = {Tag.PIPELINE: pipeline} | ({Tag.MODEL_PATH: str(model_path)} if model_path else {})
-        with store.run(experiment, pipeline, tags) as run_id:
+        with store.run(experiment, pipeline, tags | process_identity()) as run_id:
             run = cls(store, experiment, run_id)
+            run.swept = swept
+            heartbeat = Heartbeat(store, run_id)
             try:
                 yield run
             except BaseException as error:
-                run._end_variants(
-                    "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED",
-                    f"the pipeline stopped: {describe_error(error)}",
-                )
+                status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+                run._end_variants(status, f"the pipeline stopped: {describe_error(error)}")
                 raise
-            run._end_variants("FINISHED")
+            else:
+                run._end_variants("FINISHED")
+            finally:
+                heartbeat.stop()
+                run._attach_log()
+
+    def _attach_log(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        log = os.environ.get("INT8FLOW_LOG_FILE")
+        if log and Path(log).is_file():
+            with contextlib.suppress(MlflowException, OSError):
+                self.store.log_artifact(self.run_id, Path(log), "logs")
 
     def _end_variants(self, status: str, error: str | None = None) -> None:
         from mlflow.exceptions import MlflowException
@@ -596,6 +701,7 @@ class Claims:
     def __init__(self, store: MlflowStore):
         self.store = store
         self.experiment_id = store.experiment_id(CLAIMS_EXPERIMENT)
+        store.sweep_abandoned(self.experiment_id)  # claims of watchers that died stay claimed, marked FAILED
 
     def find(self, pipeline: str, sha256: str) -> str | None:
         from mlflow.entities import ViewType
@@ -617,7 +723,7 @@ class Claims:
         }
         if watcher_flow_run is not None:
             tags[f"{Tag.CLAIM}watcher_flow_run_id"] = watcher_flow_run
-        return self.store.create_run(self.experiment_id, f"{pipeline}@{sha256[:12]}", tags)
+        return self.store.create_run(self.experiment_id, f"{pipeline}@{sha256[:12]}", tags | process_identity())
 
     def finished(self, claim_id: str, result: Mapping[str, Any]) -> None:
         self.store.set_tags(

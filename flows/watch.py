@@ -40,7 +40,7 @@ from typing import Any
 from prefect import flow
 
 from int8flow.flows.console import fail, say
-from int8flow.flows.locks import ensure_lock, exclusive
+from int8flow.flows.locks import exclusive
 from int8flow.flows.pipeline import quantization_pipeline
 from int8flow.flows.runner import PrefectRunner
 from int8flow.flows.specfile import load_spec
@@ -49,11 +49,8 @@ from int8flow.tasks.discover import NotReady, candidate_files, fingerprint, onnx
 
 __all__ = ["CLAIMS_EXPERIMENT", "Found", "claim", "ensure_claim_lock", "watch_models"]
 CLAIM_LOCK = "int8flow-watch-claims"
-# The lock is held for one search and one insert. A holder that died frees its slot when its lease
-# ends (60 s, Prefect's minimum) if a Prefect server expires leases; waiting far longer means the
-# slot leaked (see flows.locks.LockTimeout).
-LOCK_LEASE_SECONDS = 60
-LOCK_TIMEOUT_SECONDS = 300
+# The lock is held for one search and one insert; a holder that died frees it (`flows.locks`).
+LOCK_TIMEOUT_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -183,14 +180,15 @@ def _download(store: MlflowStore, uri: str, target: Path) -> Path:
 
 
 def ensure_claim_lock() -> None:
-    """The Prefect global concurrency limit (1 slot) that makes `claim` atomic, created if missing."""
-    ensure_lock(CLAIM_LOCK)
+    """Kept for callers that prepared the lock first; `flows.locks.exclusive` creates what it needs."""
 
 
 def claim(claims: Claims, pipeline: str, model: Found) -> tuple[str, bool]:
     """(claim run id, True) if this call claimed the model for `pipeline`, (the existing claim's run id,
     False) if it was claimed before. Call `ensure_claim_lock()` once first."""
-    with exclusive(CLAIM_LOCK, timeout_seconds=LOCK_TIMEOUT_SECONDS, lease_seconds=LOCK_LEASE_SECONDS):
+    with exclusive(
+        CLAIM_LOCK, LOCK_TIMEOUT_SECONDS, f"claiming {model.source} for {pipeline}", lambda text: say("watch", text)
+    ):
         # Deleted claims are not searched: deleting a claim run is how a model is released for a rerun.
         existing = claims.find(pipeline, model.sha256)
         if existing is not None:

@@ -20,6 +20,7 @@ from pydantic import Field
 from int8flow.tasks.data import Dataset, DataSource
 from int8flow.tasks.model import Graph, private_link
 from int8flow.tasks.options import MAX_COUNT, StrictModel
+from int8flow.tasks.quiet import quiet_prints
 
 CalibrationMethodName = Literal["minmax", "entropy", "percentile", "distribution"]
 
@@ -108,8 +109,9 @@ def calibrate(model: Path, dataset: Dataset, method: str, options: Calibration, 
                 providers=["CPUExecutionProvider"],
                 extra_options=extra_options,
             )
-            calibrator.collect_data(DatasetReader(dataset))
-            ranges = calibrator.compute_data()
+            with quiet_prints():  # ORT's histogram calibrators print progress to stdout
+                calibrator.collect_data(DatasetReader(dataset))
+                ranges = calibrator.compute_data()
             del calibrator
     except Exception as error:
         raise CalibrationError(f"{method} calibration failed: {type(error).__name__}: {error}") from error

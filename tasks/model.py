@@ -52,15 +52,38 @@ class ModelInfo:
         return {tensor.name: tensor.shape for tensor in self.inputs}
 
 
+def load_graph(path: Path) -> onnx.ModelProto:
+    """The model without its external weights, or ModelError saying why this file is not an ONNX model."""
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder, not an .onnx file")
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise ModelError(f"{path}: {error.strerror or error}") from error
+    if size == 0:
+        raise ModelError(f"{path} is empty, not an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:
+        raise ModelError(f"{path} is not an ONNX model (protobuf cannot parse it: {type(error).__name__})") from error
+    if not model.graph.node and not model.graph.output:
+        raise ModelError(f"{path} parses, but holds no graph: not an ONNX model")
+    return model
+
+
 def model_files(path: Path) -> list[Path]:
     """The .onnx file and the external-data files it references (sizes and hashes cover both)."""
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_graph(path)
     locations = set()
     for tensor in _all_initializers(model.graph):
         for entry in tensor.external_data:
             if entry.key == "location":
                 locations.add(entry.value)
-    return [path, *(path.parent / location for location in sorted(locations))]
+    files = [path, *(path.parent / location for location in sorted(locations))]
+    missing = [file.name for file in files[1:] if not file.is_file()]
+    if missing:
+        raise ModelError(f"{path}: its external data {', '.join(missing)} is not beside it")
+    return files
 
 
 def _all_initializers(graph: onnx.GraphProto):
@@ -97,7 +120,7 @@ def model_size_bytes(path: Path) -> int:
 
 
 def inspect_model(path: Path) -> ModelInfo:
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_graph(path)
     initializer_names = {tensor.name for tensor in model.graph.initializer}
     files = model_files(path)
     default_opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
@@ -106,12 +129,12 @@ def inspect_model(path: Path) -> ModelInfo:
         sha256=file_sha256(files),
         size_bytes=sum(file.stat().st_size for file in files),
         opset=default_opset,
-        inputs=tuple(_tensor(value) for value in model.graph.input if value.name not in initializer_names),
-        outputs=tuple(_tensor(value) for value in model.graph.output),
+        inputs=tuple(tensor_info(value) for value in model.graph.input if value.name not in initializer_names),
+        outputs=tuple(tensor_info(value) for value in model.graph.output),
     )
 
 
-def _tensor(value: onnx.ValueInfoProto) -> TensorInfo:
+def tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
     tensor_type = value.type.tensor_type
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
     shape = tuple(

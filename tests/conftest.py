@@ -70,6 +70,17 @@ def end_processes(pids: list[int], grace_seconds: float = 10.0) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _stop_own_prefect_server() -> None:
+    """This process's ephemeral Prefect server, stopped the way Prefect would at exit: logs first."""
+    with contextlib.suppress(Exception):
+        from prefect.logging.handlers import APILogWorker
+        from prefect.server.api.server import SubprocessASGIServer
+
+        APILogWorker.drain_all(timeout=10)
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -80,6 +91,7 @@ def no_process_left_behind():
     # SIGTERM (a CI time limit) ends the session like Ctrl-C: fixtures' `finally` blocks still run.
     signal.signal(signal.SIGTERM, _interrupt)
     yield
+    _stop_own_prefect_server()
     leftovers = marked_processes()
     orphans = {
         pid: command

@@ -159,16 +159,34 @@ def test_bad_spec_exits_2_and_writes_nothing(tmp_path, digits_model, mlflow_stor
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_data_that_does_not_fit_the_model_exits_2_with_a_failed_run(tmp_path, digits_model, mlflow_store):
+def test_data_that_does_not_fit_the_model_exits_2_before_any_run(tmp_path, digits_model, mlflow_store):
     import numpy as np
 
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, image=np.zeros((4, 64), np.float32))  # the model's input is called `pixels`
     path = spec_file(tmp_path, digits_model)
     path.write_text(path.read_text().replace(str(digits_model.evaluation), str(wrong)))
+    # the data file's array headers are checked against the model's inputs before anything is created
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 2, result.output
-    assert f"{wrong}: data does not match the model inputs ['pixels']" in result.output
+    assert (
+        f"{path}:5: evaluation.data.path: wrong.npz: arrays ['image'] do not match the model inputs ['pixels']"
+        in result.output
+    )
+    assert (
+        not (tmp_path / "mlflow.db").exists() or MlflowClient(mlflow_store).get_experiment_by_name("digits-e2e") is None
+    )
+
+
+def test_data_that_only_the_run_can_read_exits_2_with_a_failed_run(tmp_path, digits_model, mlflow_store):
+    (tmp_path / "wrongdata.py").write_text(
+        "import numpy as np\ndef batches():\n    yield {'image': np.zeros((4, 64), np.float32)}, np.zeros(4, np.int64)\n"
+    )
+    path = spec_file(tmp_path, digits_model)
+    path.write_text(path.read_text().replace(f"path: {digits_model.evaluation}", "callable: wrongdata:batches"))
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "wrongdata:batches: data does not match the model inputs ['pixels']" in result.output
     client = MlflowClient(mlflow_store)
     parents, children = runs_of(client, "digits-e2e")
     assert [p.info.status for p in parents] == ["FAILED"] and not children
