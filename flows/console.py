@@ -26,6 +26,11 @@ def _prefect_logger() -> logging.Logger | logging.LoggerAdapter | None:
         return None
     if FlowRunContext.get() is None and TaskRunContext.get() is None:
         return None
+    # The run's stage lines are INFO: make sure the run logger passes them to Prefect's API (its level
+    # follows PREFECT_LOGGING_LEVEL, which may be WARNING to keep Prefect's own chatter quiet).
+    runs = logging.getLogger("prefect.flow_runs")
+    if runs.getEffectiveLevel() > logging.INFO:
+        runs.setLevel(logging.INFO)
     try:
         return get_run_logger()
     except Exception:  # noqa: BLE001 - no run context after all: the console line is enough
@@ -71,3 +76,10 @@ def progress(stage: str, label: str) -> Iterator[Callable[..., None]]:
 
     with bar:
         yield update
+
+
+@contextmanager
+def waiting(stage: str, label: str) -> Iterator[None]:
+    """A spinner while a long step runs (on a terminal only; it leaves no line behind)."""
+    with console.status(f"[bold cyan]{stage:>12}[/] {label}", spinner="dots"):
+        yield

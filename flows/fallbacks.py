@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from int8flow.flows.console import fail, say
+from int8flow.flows.console import fail, say, waiting
 from int8flow.flows.records import VariantRecord, describe
 from int8flow.flows.spec import PipelineSpec
 from int8flow.flows.steps import Baseline, Job, cover, log_made
@@ -76,14 +76,15 @@ def retry_inaccurate(
         )
         for record in retried
     }
-    for name, future in futures.items():
-        try:
-            result = future.result()
-        except Exception as error:  # noqa: BLE001 - the variant stays as it was
-            fail("fallback", f"{name}: fallback failed: {describe(error)}")
-            continue
-        records[name].fallback = result
-        _steps_to_records(job, records, name, result, baseline)
+    with waiting("fallback", f"retrying {len(futures)} variant(s) with their worst nodes in float"):
+        for name, future in futures.items():
+            try:
+                result = future.result()
+            except Exception as error:  # noqa: BLE001 - the variant stays as it was
+                fail("fallback", f"{name}: fallback failed: {describe(error)}")
+                continue
+            records[name].fallback = result
+            _steps_to_records(job, records, name, result, baseline)
 
 
 def _worth_retrying(record: VariantRecord) -> bool:

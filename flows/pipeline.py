@@ -16,6 +16,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from int8flow.flows.console import say, warn
+from int8flow.flows.prefect_ui import show_in_prefect
 from int8flow.flows.run import PipelineOutcome, run_pipeline
 from int8flow.flows.runlog import run_log
 from int8flow.flows.runner import PrefectRunner
@@ -25,7 +26,17 @@ from int8flow.flows.tracking import MlflowStore, PipelineRun
 __all__ = ["PipelineOutcome", "dask_task_runner", "quantization_pipeline", "run_pipeline"]
 
 
-@flow(name="int8flow", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False)  # type: ignore[arg-type]
+def _flow_run_name() -> str:
+    """`<spec file>` or `<spec file> <- <model file>`: what the run is about, in Prefect's run list."""
+    from prefect.runtime import flow_run
+
+    parameters = flow_run.parameters
+    name = Path(str(parameters.get("spec_file", "spec"))).stem
+    model = parameters.get("model_path")
+    return f"{name} <- {Path(str(model)).name}" if model else name
+
+
+@flow(name="int8flow", flow_run_name=_flow_run_name, task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False)  # type: ignore[arg-type]
 def quantization_pipeline(spec_file: str, model_path: str | None = None) -> dict[str, Any]:
     """Run the pipeline described by `spec_file` (a YAML spec) and return what happened.
 
@@ -43,6 +54,7 @@ def quantization_pipeline(spec_file: str, model_path: str | None = None) -> dict
         if run.swept:
             warn("run", f"{len(run.swept)} run(s) left RUNNING by processes that are gone were marked FAILED")
         outcome = run_pipeline(spec, spec_path, PrefectRunner(), run)
+        show_in_prefect(spec.name, outcome, run.store.tracking_uri, run.experiment_id)
     say("done", outcome.summary)
     return outcome.as_dict()
 

@@ -19,11 +19,12 @@ from int8flow.flows import faults
 from int8flow.flows.console import say
 from int8flow.flows.locks import exclusive
 from int8flow.flows.records import VariantRecord
+from int8flow.flows.review import describe_model, describe_version, version_tags
 from int8flow.flows.steps import Baseline, Job
 from int8flow.flows.tracking import RegisteredVersion, Tag, onnx_signature
 from int8flow.tasks.calibrate import CalibrationKey, CalibrationRanges
-from int8flow.tasks.select import Contender, decide_alias, holder_needs_timing
-from int8flow.tasks.timing import time_session
+from int8flow.tasks.select import Candidate, Contender, decide_alias, holder_needs_timing
+from int8flow.tasks.timing import TimingSession, time_session
 
 # Registration is a few seconds; a live holder keeping it longer than this is stuck, not busy.
 REGISTRY_LOCK_SECONDS = 900
@@ -37,7 +38,13 @@ class Promotion:
 
 
 def promote(
-    job: Job, record: VariantRecord, baseline: Baseline, ranges: Mapping[CalibrationKey, CalibrationRanges]
+    job: Job,
+    record: VariantRecord,
+    chosen: Candidate,
+    fp32: Candidate,
+    baseline: Baseline,
+    ranges: Mapping[CalibrationKey, CalibrationRanges],
+    session: TimingSession | None,
 ) -> Promotion | None:
     registry = job.spec.registry
     if registry is None or not registry.promote:
@@ -50,7 +57,9 @@ def promote(
         lambda text: say("register", text),
     ):
         faults.point("registry-locked")
-        return _register_and_decide(job, record, baseline, ranges)
+        promotion = _register_and_decide(job, record, baseline, ranges)
+        _describe(job, record, chosen, fp32, baseline, session, promotion)
+        return promotion
 
 
 def recipe(
@@ -151,3 +160,23 @@ def _register_and_decide(
     )
     job.run.alias_decision(record.name, registered.version, reason)
     return Promotion(registered.version, decision.move, reason)
+
+
+def _describe(
+    job: Job,
+    record: VariantRecord,
+    chosen: Candidate,
+    fp32: Candidate,
+    baseline: Baseline,
+    session: TimingSession | None,
+    promotion: Promotion,
+) -> None:
+    """The registry says why: the model's and the version's descriptions, and the version's key numbers."""
+    registry = job.spec.registry
+    assert registry is not None
+    store = job.run.store
+    text = describe_version(job, record, chosen, fp32, baseline, session) + f"\n\nAlias decision: {promotion.reason}."
+    store.describe(registry.model_name, describe_model(job, baseline), promotion.version, text)
+    drop = record.accuracy.drop if record.accuracy else None
+    tags = version_tags(chosen, fp32, job, drop) | {Tag.ALIAS_MOVED: str(promotion.moved).lower()}
+    store.tag_version(registry.model_name, promotion.version, tags)

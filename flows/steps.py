@@ -17,7 +17,7 @@ import onnxruntime
 
 from int8flow import __version__
 from int8flow.flows import faults
-from int8flow.flows.console import say, warn
+from int8flow.flows.console import say, waiting, warn
 from int8flow.flows.plan import Plan
 from int8flow.flows.records import VariantRecord, attempt
 from int8flow.flows.runner import Outcome, Runner
@@ -250,18 +250,19 @@ def calibrations(
         for key in wanted
     }
     ranges = {}
-    for key, future in futures.items():
-        try:
-            ranges[key] = future.result()
-        except Exception as error:  # noqa: BLE001 - only the variants of this calibration fail
-            for record in records.values():
-                if record.ok and record.variant.calibration_key() == key:
-                    record.fail("calibrate", error)
-            continue
-        say(
-            "calibrate",
-            f"{key}: {ranges[key].tensors} tensors from {data.samples} samples in {ranges[key].seconds:.1f} s",
-        )
+    with waiting("calibrate", f"{len(futures)} calibration(s) on {data.samples} samples"):
+        for key, future in futures.items():
+            try:
+                ranges[key] = future.result()
+            except Exception as error:  # noqa: BLE001 - only the variants of this calibration fail
+                for record in records.values():
+                    if record.ok and record.variant.calibration_key() == key:
+                        record.fail("calibrate", error)
+                continue
+            say(
+                "calibrate",
+                f"{key}: {ranges[key].tensors} tensors from {data.samples} samples in {ranges[key].seconds:.1f} s",
+            )
     job.run.calibration(data.fingerprint, {str(key): value.seconds for key, value in ranges.items()})
     return ranges, data
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from int8flow.flows.console import say, warn
+from int8flow.flows.console import say, waiting, warn
 from int8flow.flows.records import VariantRecord, describe
 from int8flow.flows.steps import Baseline, Job
 from int8flow.tasks.select import Candidate, Faster
@@ -28,17 +28,10 @@ def time_candidates(job: Job, records: Mapping[str, VariantRecord], baseline: Ba
         for threads in profiling.threads:
             key = f"b{batch_size}_t{threads}"
             try:
-                session = job.runner.call(
-                    "time",
-                    time_session,
-                    models,
-                    job.feed(baseline.data, batch_size),
-                    threads,
-                    profiling.warmup,
-                    profiling.runs,
-                    profiling.max_seconds,
-                    label=key,
-                )
+                with waiting("time", f"{key}: FP32 and {len(models) - 1} variant(s), interleaved"):
+                    feed = job.feed(baseline.data, batch_size)
+                    arguments = (models, feed, threads, profiling.warmup, profiling.runs, profiling.max_seconds)
+                    session = job.runner.call("time", time_session, *arguments, label=key)
             except Exception as error:  # noqa: BLE001 - FP32 itself could not be timed at this configuration
                 for record in timed:
                     record.fail("time", f"{key}: {describe(error)}")

@@ -22,18 +22,18 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from int8flow.tasks.select import Contender
-from int8flow.tasks.timing import Speedup
 
 EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlruns"
 MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 5000
+MAX_DESCRIPTION = 8000  # MLflow refuses longer tag values; the description (a tag) included
 
 
 _UNSAFE_KEY = re.compile(r"[^/\w.\- ]")
@@ -50,6 +50,7 @@ class Tag:
     """Tags int8flow writes (runs and model versions); the prefix keeps them apart from MLflow's own."""
 
     PREFIX = "int8flow."
+    DESCRIPTION = "mlflow.note.content"  # MLflow's own: the markdown at the top of a run's page
     # parent run
     PIPELINE = "int8flow.pipeline"
     MODEL_PATH = "int8flow.model_path"
@@ -96,6 +97,14 @@ class Tag:
     SIZE_BYTES = "int8flow.size_bytes"
     OBJECTIVE = "int8flow.objective"
     METRIC = "int8flow.metric."  # + metric name: the version's score
+    VERSION_SPEEDUP = "int8flow.speedup"  # over FP32, from the deciding timing session
+    VERSION_SPEEDUP_INTERVAL = "int8flow.speedup_90pct"
+    VERSION_LATENCY_MS = "int8flow.p50_ms"
+    VERSION_FP32_LATENCY_MS = "int8flow.fp32_p50_ms"
+    VERSION_DROP = "int8flow.accuracy_drop"
+    VERSION_SIZE_MB = "int8flow.size_mb"
+    VERSION_CPU_FLAGS = "int8flow.cpu_flags"
+    ALIAS_MOVED = "int8flow.alias_moved"
     # watcher claims
     CLAIM = "int8flow.claim."
     # the process that owns a RUNNING run: how a later run tells it died (see MlflowStore.sweep_abandoned)
@@ -316,7 +325,10 @@ class MlflowStore:
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(key, str(value)[:MAX_TAG_LENGTH]) for key, value in tags.items()]
+        items = [
+            RunTag(key, str(value)[: MAX_DESCRIPTION if key == Tag.DESCRIPTION else MAX_TAG_LENGTH])
+            for key, value in tags.items()
+        ]
         if items:
             self.client.log_batch(run_id, tags=items)
 
@@ -395,6 +407,11 @@ class MlflowStore:
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
 
+    def describe(self, name: str, model_description: str, version: str, version_description: str) -> None:
+        """The registered model's and the version's descriptions (markdown, shown on their pages)."""
+        self.client.update_registered_model(name, description=model_description)
+        self.client.update_model_version(name, version, description=version_description)
+
     def tag_version(self, name: str, version: str, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_model_version_tag(name, version, key, str(value)[:MAX_TAG_LENGTH])
@@ -458,6 +475,10 @@ class PipelineRun:
         self._variant_runs: dict[str, str] = {}
         self._warnings: list[str] = []
         self.swept: list[str] = []  # runs of dead processes this run's start marked FAILED
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self._warnings)
 
     def warn(self, warning: str) -> None:
         """A warning about the whole run (the target, the evaluation), kept on the parent run."""
@@ -570,17 +591,20 @@ class PipelineRun:
 
     def summary(
         self,
-        table: Path,
-        plot: Path,
+        artifacts: Sequence[Path],
         counts: Mapping[str, int],
         selected: str | None,
         summary: str,
         version: str | None,
+        description: str,
+        metrics: Mapping[str, float],
     ) -> None:
-        self.store.log_artifact(self.run_id, table, "summary")
-        self.store.log_artifact(self.run_id, plot, "summary")
-        self.store.log_metrics(self.run_id, {f"variants_{key}": value for key, value in counts.items()})
-        tags = {Tag.SELECTED: selected or "none", Tag.SUMMARY: summary}
+        """The run's report: its description (the verdict and the table, shown at the top of the run's
+        page), the report files under `summary/`, and the key numbers as metrics that sort first."""
+        for path in artifacts:
+            self.store.log_artifact(self.run_id, path, "summary")
+        self.store.log_metrics(self.run_id, {f"variants_{key}": value for key, value in counts.items()} | dict(metrics))
+        tags = {Tag.SELECTED: selected or "none", Tag.SUMMARY: summary, Tag.DESCRIPTION: description[:MAX_DESCRIPTION]}
         if version:
             tags[Tag.REGISTERED_VERSION] = version
         self.store.set_tags(self.run_id, tags)
@@ -639,20 +663,30 @@ class PipelineRun:
         self.store.log_artifact(run_id, checkpoint, "qat")
 
     def verdict(
-        self, name: str, kind: str, selected: bool, eligible: bool, verdict: str, speedup: Speedup | None
+        self,
+        name: str,
+        kind: str,
+        selected: bool,
+        eligible: bool,
+        verdict: str,
+        key_numbers: Mapping[str, float | None],
     ) -> None:
+        """The variant's verdict (tags, and the description at the top of its run page) and its key numbers
+        as metrics whose names sort first in MLflow's column list (`0_speedup`, `0_drop`, ...)."""
         run_id = self._variant_runs[name]
+        status = "**selected**" if selected else ("eligible" if eligible else f"rejected: {verdict}")
+        numbers = ", ".join(
+            f"{key.removeprefix('0_')} {value:.4g}" for key, value in key_numbers.items() if value is not None
+        )
         tags = {
             Tag.KIND: kind,
             Tag.SELECTED: str(selected).lower(),
             Tag.ELIGIBLE: str(eligible).lower(),
             Tag.VERDICT: verdict,
+            Tag.DESCRIPTION: f"{status}. {numbers}"[:MAX_DESCRIPTION],
         }
         self.store.set_tags(run_id, tags)
-        if speedup is not None:  # the deciding session's, with its 90 % interval
-            self.store.log_metrics(
-                run_id, {"speedup": speedup.value, "speedup_low": speedup.low, "speedup_high": speedup.high}
-            )
+        self.store.log_metrics(run_id, dict(key_numbers))
 
     def close_variant(self, name: str) -> None:
         self.store.end_if_running(self._variant_runs[name])
@@ -681,6 +715,8 @@ class NullPipelineRun(PipelineRun):
     def __init__(self) -> None:
         self.run_id = "bare"
         self._variant_runs = {}
+        self._warnings = []
+        self.swept = []
 
     def __getattribute__(self, name: str) -> Any:
         attribute = object.__getattribute__(self, name)

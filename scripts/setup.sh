@@ -9,8 +9,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,examples,flagships,servers,dask,dev]"
-# Debian's qemu-user: the tests run the kernel-dependent tests again on an emulated AVX2-only CPU
-# (tests/test_cpu_kinds.py). Optional: without it (no root, no apt) those tests say they were skipped.
-if ! command -v qemu-x86_64 >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  apt-get install -y -qq qemu-user >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq qemu-user >/dev/null 2>&1; } || echo "setup: qemu-user not installed (emulated-CPU tests will be skipped)" >&2
-fi
+# Debian packages the tests use: qemu-user runs the kernel-dependent tests again on an emulated AVX2-only
+# CPU (tests/test_cpu_kinds.py); chromium checks the MLflow UI in a real browser (tests/test_review_ui.py).
+# Optional: without them (no root, no apt) those tests say they were skipped.
+debian_package() {  # command, package
+  command -v "$1" >/dev/null && return 0
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || { echo "setup: $2 not installed (its tests will be skipped)" >&2; return 0; }
+  apt-get install -y -qq "$2" >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "$2" >/dev/null 2>&1; } ||
+    echo "setup: $2 not installed (its tests will be skipped)" >&2
+}
+debian_package qemu-x86_64 qemu-user
+debian_package chromium chromium

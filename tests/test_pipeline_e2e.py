@@ -78,16 +78,23 @@ def test_pipeline_logs_every_variant_registers_and_promotes_once(tmp_path, digit
     tags = parent.data.tags
     assert len(tags["int8flow.source_sha256"]) == 64 and tags["int8flow.onnxruntime_version"]
     assert tags["int8flow.cpu.avx2"] in ("true", "false")
-    assert parent.data.params["spec.variants.0.name"] == "dynamic-qint8-per-tensor"
+    assert parent.data.params["spec.variants.0.name"] == "dynamic-pt"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
-    assert artifacts == {"summary/variants.csv", "summary/accuracy_vs_latency.png"}
+    assert artifacts == {"summary/variants.csv", "summary/accuracy_vs_latency.png", "summary/report.html"}
+    # the parent run's description is the report: the verdict, then every variant with its verdict
+    description = tags["mlflow.note.content"]
+    assert (
+        description.startswith(f"**Selected `{tags['int8flow.selected']}`**")
+        and "x** FP32 (90 % interval" in description
+    )
+    assert "| variant | top1 | drop |" in description and "deliberately-broken" in description
 
     # and one nested run per variant; the broken one FAILED with its error, the rest finished
     by_name = {run.info.run_name: run for run in children}
     assert set(by_name) == {
-        "dynamic-qint8-per-tensor",
-        "dynamic-qint8-per-channel",
-        "static-qdq-u8s8-per-channel-minmax",
+        "dynamic-pt",
+        "dynamic-pc",
+        "static-pc-minmax",
         "fp16",
         "deliberately-broken",
     }
@@ -109,8 +116,8 @@ def test_pipeline_logs_every_variant_registers_and_promotes_once(tmp_path, digit
             "compression_ratio",
         } <= set(metrics)
         assert client.list_artifacts(run.info.run_id, "quantized")
-    assert by_name["static-qdq-u8s8-per-channel-minmax"].data.metrics["ops.count.integer"] >= 2
-    assert by_name["dynamic-qint8-per-channel"].data.params["per_channel"] == "true"
+    assert by_name["static-pc-minmax"].data.metrics["ops.count.integer"] >= 2
+    assert by_name["dynamic-pc"].data.params["per_channel"] == "true"
 
     # the smallest eligible variant is selected (objective: size), registered, and holds the alias
     selected = [run for run in by_name.values() if run.data.tags["int8flow.selected"] == "true"]

@@ -266,18 +266,18 @@ def test_qat_variant_takes_the_target_preset_and_names_its_untrained_twin():
     )
     (variant,) = spec.resolved_variants()
     assert (variant.name, variant.activation_type, variant.weight_type, variant.reduce_range) == (
-        "qat-u8s8-per-tensor",
+        "qat-pt",
         "QUInt8",
         "QInt8",
         True,
     )
-    with pytest.raises(ValueError, match="qat-u8s8-per-tensor-untrained"):
+    with pytest.raises(ValueError, match="qat-pt-untrained"):
         PipelineSpec.model_validate(
             spec.model_dump(mode="json")
             | {
                 "variants": [
                     {"kind": "qat", "per_channel": False},
-                    {"kind": "fp32", "name": "qat-u8s8-per-tensor-untrained"},
+                    {"kind": "fp32", "name": "qat-pt-untrained"},
                 ]
             },
             context={"base_dir": PIPELINES},

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import end_group
 from test_pipeline_e2e import spec_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,14 +100,7 @@ def _int8flow(env: dict, *args: str, cwd: Path) -> subprocess.Popen:
 
 def _end(process: subprocess.Popen) -> str:
     """Stop the process group (SIGTERM, then SIGKILL) and return what it printed."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        return process.communicate(timeout=60)[0]
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        return process.communicate(timeout=60)[0]
+    return end_group(process)
 
 
 @contextlib.contextmanager
@@ -193,6 +186,29 @@ def test_a_deployment_triggered_through_the_prefect_api_runs_and_lands_in_mlflow
         worker_output = _end(worker)
     # then it completes, and its runs, metrics and the alias are visible through MLflow's REST API
     assert state == "COMPLETED", worker_output[-3000:]
+    # and the Prefect UI has the story: stage messages in the run's logs, a summary artifact, a name, tags
+    run_id = flow_run["id"]
+    logs = httpx.post(
+        f"{PREFECT}/logs/filter",
+        json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200, "sort": "TIMESTAMP_DESC"},
+        timeout=API_SECONDS,
+    ).json()
+    messages = "\n".join(entry["message"] for entry in logs)
+    assert "select: selected" in messages and "time: b1_t1" in messages and "done: selected" in messages, messages[
+        -2000:
+    ]
+    artifacts = httpx.post(
+        f"{PREFECT}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}, timeout=API_SECONDS
+    ).json()
+    by_key = {artifact["key"]: artifact for artifact in artifacts}
+    summary = by_key["digits-e2e-summary"]
+    assert "**Selected" in summary["data"] and "| variant |" in summary["data"]
+    assert (
+        "workflowType=machine_learning" in summary["data"]
+        and "#/experiments/" in by_key["digits-e2e-mlflow-run"]["data"]
+    )
+    finished = httpx.get(f"{PREFECT}/flow_runs/{run_id}", timeout=API_SECONDS).json()
+    assert finished["name"] == "digits" and "spec:digits-e2e" in finished["tags"]
     parents = _parents(_runs("digits-e2e", "tags.`int8flow.registered_version` != ''"))
     assert len(parents) == 1 and parents[0]["info"]["status"] == "FINISHED"
     metrics = {metric["key"] for metric in parents[0]["data"]["metrics"]}

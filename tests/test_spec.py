@@ -85,10 +85,10 @@ def test_valid_spec_resolves_grid_names_and_calibration_defaults(tmp_path, digit
     variants = spec.resolved_variants()
     names = [variant.name for variant in variants]
     assert names == [
-        "static-qdq-u8s8-per-tensor-minmax",
-        "static-qdq-u8s8-per-tensor-percentile",
-        "static-qdq-u8s8-per-channel-minmax",
-        "static-qdq-u8s8-per-channel-percentile",
+        "static-pt-minmax",
+        "static-pt-percentile",
+        "static-pc-minmax",
+        "static-pc-percentile",
         "mine",
         "dyn-reduce_range=true",
     ]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +188,39 @@ def test_one_timing_session_interleaves_every_model_and_gives_intervals(prepared
     flipped = session.speedup("fp32", over="same")
     assert abs(flipped.value * same.value - 1.0) < 1e-9
     assert session.load.other_cores >= 0 and "rounds" in session.summary()
+
+
+def _select_between_equals(models: dict, feed: dict) -> tuple[str | None, object]:
+    """Two copies of one model, equally fast by construction, the first less accurate: latency selection
+    must call them a tie and take the more accurate one."""
+    session = time_session(models, feed, threads=1, warmup=2, runs=30)
+    metric, rules = Metric(name="top1"), Selection(max_drop=0.05, min_speedup=0.0)
+    candidates = [
+        Candidate(name, {"top1": top1}, session.speedup(name), session.models[name].p50_ms, 1)
+        for name, top1 in (("copy-a", 0.93), ("copy-b", 0.95))
+    ]
+    faster = lambda a, b: session.speedup(a, over=b)  # noqa: E731 - the selection's view of one session
+    return select(candidates, {"top1": 0.95}, rules.accuracy_rule(metric), rules, faster).selected, session
+
+
+def test_a_busy_neighbour_widens_the_intervals_but_does_not_flip_the_choice(prepared, digits_model):
+    _info, _pre, evaluation, *_ = prepared
+    models = {"fp32": digits_model.model, "copy-a": digits_model.model, "copy-b": digits_model.model}
+    feed = input_feed(evaluation, 32)
+    idle_choice, idle = _select_between_equals(models, feed)
+    # a neighbour spinning on every core while the same session is timed again
+    spin = "import time\nend = time.time() + 300\nwhile time.time() < end: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 2)]
+    try:
+        busy_choice, busy = _select_between_equals(models, feed)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait(timeout=30)
+    assert idle_choice == busy_choice == "copy-b", (idle.summary(), busy.summary())
+    # the session saw the neighbour and said so
+    assert busy.load.other_cores > 0.5 and busy.load.other_cores > idle.load.other_cores, busy.summary()
+    assert busy.load.busy and busy.uncertain
 
 
 def _x(value: float, spread: float = 0.02) -> Speedup:

@@ -41,8 +41,9 @@ class DynamicVariant(VariantBase):
     extra_options: dict[str, Any] = Field(default_factory=dict, description="Passed to ORT as `extra_options`.")
 
     def default_name(self) -> str:
-        granularity = "per-channel" if self.per_channel else "per-tensor"
-        return self.named(f"dynamic-{(self.weight_type or 'QInt8').lower()}-{granularity}")
+        # short: MLflow's runs table cuts run names at ~25 characters; the options are the run's params
+        weights = "-u8w" if self.weight_type == "QUInt8" else ""
+        return self.named(f"dynamic-{'pc' if self.per_channel else 'pt'}{weights}")
 
     def min_opset(self) -> int:
         return QUANTIZATION_OPSET

@@ -34,7 +34,7 @@ class WeightOnlyInt4Variant(VariantBase):
     nodes_to_exclude: list[str] = Field(default_factory=list, description="Node names kept in float.")
 
     def default_name(self) -> str:
-        return self.named(f"int4-block{self.block_size}-{'sym' if self.symmetric else 'asym'}")
+        return self.named(f"int4-b{self.block_size}{'' if self.symmetric else '-asym'}")
 
     def make(self, model: Path, job: MakeJob) -> list[str]:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

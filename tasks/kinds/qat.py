@@ -13,7 +13,7 @@ from pydantic import Field
 
 from int8flow.tasks.data import DataSource
 from int8flow.tasks.hardware import HardwarePreset, saturates
-from int8flow.tasks.kinds.base import SHORT_TYPES, KindFacts, VariantBase
+from int8flow.tasks.kinds.base import KindFacts, VariantBase
 from int8flow.tasks.kinds.dynamic import Int8Type
 from int8flow.tasks.model import Graph
 from int8flow.tasks.options import MAX_COUNT, StrictModel
@@ -128,9 +128,7 @@ class QatVariant(VariantBase):
     training: QatTraining = Field(default_factory=QatTraining, description="Fine-tuning settings.")
 
     def default_name(self) -> str:
-        granularity = "per-channel" if self.per_channel else "per-tensor"
-        types = SHORT_TYPES[self.activation_type or "QUInt8"] + "s8"
-        return self.named(f"qat-{types}-{granularity}")
+        return self.named(f"qat-{'pc' if self.per_channel else 'pt'}{'-s8' if self.activation_type == 'QInt8' else ''}")
 
     def with_preset(self, preset: HardwarePreset) -> QatVariant:
         defaults = {

@@ -14,7 +14,6 @@ from int8flow.tasks.kinds._ort import extra_options
 from int8flow.tasks.kinds.base import (
     PER_CHANNEL_QDQ_OPSET,
     QUANTIZATION_OPSET,
-    SHORT_TYPES,
     KindError,
     KindFacts,
     MakeJob,
@@ -61,10 +60,18 @@ class StaticVariant(VariantBase):
     )
 
     def default_name(self) -> str:
-        granularity = "per-channel" if self.per_channel else "per-tensor"
+        # short: MLflow's runs table cuts run names at ~25 characters; the options are the run's params
         method = self.calibration_method or "calib"
-        types = SHORT_TYPES[self.activation_type or "QUInt8"] + SHORT_TYPES[self.weight_type or "QInt8"]
-        return self.named(f"static-{self.format.lower()}-{types}-{granularity}-{method}")
+        extras = "".join(
+            suffix
+            for suffix, applies in (
+                ("-s8", self.activation_type == "QInt8"),
+                ("-u8w", self.weight_type == "QUInt8"),
+                ("-qop", self.format == "QOperator"),
+            )
+            if applies
+        )
+        return self.named(f"static-{'pc' if self.per_channel else 'pt'}-{method}{extras}")
 
     def calibration_key(self) -> CalibrationKey | None:
         return CalibrationKey(self.calibration_method or "minmax", self.graph)
