@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30, help="timed runs per model at batch 1")
     parser.add_argument("--runs-b32", type=int, default=10, help="timed runs per model at batch 32")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs per model at batch 1 (1 at batch 32)")
+    parser.add_argument("--ops", action="store_true", help="also: where the time goes, by op type, at b1 t1")
     args = parser.parse_args()
     spec_path = Path(args.spec).resolve()
     spec = load_spec(spec_path)
@@ -105,6 +106,30 @@ def main() -> None:
             stats, base = latency[config][name], latency[config]["FP32"]
             cells.append(f"{stats.p50_ms:.2f} / {stats.p90_ms:.2f} ({base.p50_ms / stats.p50_ms:.2f}x)")
         print("| " + " | ".join(cells) + " |")
+    if args.ops:
+        _time_by_op({name: Path(path) for name, path in models.items() if "plain" not in name}, evaluation)
+
+
+def _time_by_op(models: dict[str, Path], evaluation) -> None:
+    """ORT's node profile of each model at batch 1, 1 thread: ms per run by op type (kernel time only)."""
+    from int8flow.tasks.coverage import op_coverage
+
+    coverages = {
+        name: op_coverage(path, input_feed(evaluation, 1), threads=1, runs=20) for name, path in models.items()
+    }
+    ms = {
+        name: {op: share * cov.node_ms_per_run for op, share in cov.op_time_share.items()}
+        for name, cov in coverages.items()
+    }
+    ops = sorted(
+        {op for times in ms.values() for op in times}, key=lambda op: -max(t.get(op, 0.0) for t in ms.values())
+    )
+    print("\nWhere the time goes at b1 t1 (ORT's node profile, ms per run by op type; kernels only):\n")
+    print("| op type | " + " | ".join(models) + " |")
+    print("|---|" + "---|" * len(models))
+    for op in ops[:14]:
+        print(f"| {op} | " + " | ".join(f"{ms[name].get(op, 0.0):.2f}" for name in models) + " |")
+    print("| **all nodes** | " + " | ".join(f"**{coverages[name].node_ms_per_run:.2f}**" for name in models) + " |")
 
 
 def _accuracy(scores: dict[str, float], name: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT = ["magika-int8", "silero-vad-int8", "orientation-int8"]
+DEFAULT = ["magika-int8", "silero-vad-int8", "silero-vad-stateful-int8", "ocr-rec-int8", "orientation-int8"]
 
 
 def run(spec: str, tabulate=None) -> str:
@@ -30,17 +30,30 @@ def run(spec: str, tabulate=None) -> str:
         uri = f"sqlite:///{folder}/mlflow.db"
         env = os.environ | {"MLFLOW_TRACKING_URI": uri}
         started = time.perf_counter()
+        peak_file = Path(folder) / "peak_rss_kb"
         done = subprocess.run(
-            [str(ROOT / ".venv" / "bin" / "int8flow"), "run", str(ROOT / "pipelines" / f"{spec}.yaml")],
+            # GNU time's %M: the peak resident set of the int8flow process itself (its Prefect server
+            # is a separate, smaller process)
+            [
+                "/usr/bin/time",
+                "-f",
+                "%M",
+                "-o",
+                str(peak_file),
+                str(ROOT / ".venv" / "bin" / "int8flow"),
+                "run",
+                str(ROOT / "pipelines" / f"{spec}.yaml"),
+            ],
             cwd=folder,
             env=env,
             capture_output=True,
             text=True,
         )
         seconds = time.perf_counter() - started
+        peak_mb = int(peak_file.read_text().split()[-1]) / 1024 if peak_file.exists() else float("nan")
         if done.returncode != 0:
             return f"### {spec}\n\nfailed with exit code {done.returncode}:\n\n```\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n```\n"
-        return tabulate(MlflowClient(uri), spec, seconds)
+        return tabulate(MlflowClient(uri), spec, seconds, peak_mb)
 
 
 def pipeline_runs(client: MlflowClient, spec: str):
@@ -51,7 +64,7 @@ def pipeline_runs(client: MlflowClient, spec: str):
     return parent, [r for r in runs if r is not parent], parent.data.params["spec.selection.metric"]
 
 
-def table(client: MlflowClient, spec: str, seconds: float) -> str:
+def table(client: MlflowClient, spec: str, seconds: float, peak_mb: float) -> str:
     parent, runs, metric = pipeline_runs(client, spec)
     tags = parent.data.tags
     children = sorted(
@@ -67,14 +80,15 @@ def table(client: MlflowClient, spec: str, seconds: float) -> str:
         f"### {spec}",
         "",
         f"Target `{tags['int8flow.target_preset']}` on {tags['int8flow.cpu']}; FP32 {metric} {fp32:.4f}; "
-        f"whole run {seconds:.0f} s.",
+        f"whole run {seconds:.0f} s, peak RSS {peak_mb:.0f} MB.",
         f"Repairs: {tags['int8flow.repairs']}.",
         f"Outcome: **{tags['int8flow.summary']}**"
         + (f", registered v{tags['int8flow.registered_version']}" if "int8flow.registered_version" in tags else "")
         + ".",
+        f"ORT's plain quantize_dynamic: {tags.get('int8flow.ort_default', 'not run (no dynamic variant)')}.",
         "",
-        f"| variant | float nodes | {metric} drop | speed-up vs FP32 | integer ops (share of time) | verdict |",
-        "|---|---|---|---|---|---|",
+        f"| variant | float nodes | {metric} drop | speed-up vs FP32 | integer ops (share of time) | verdict | fallback step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run in children:
         m, t = run.data.metrics, run.data.tags
@@ -86,7 +100,9 @@ def table(client: MlflowClient, spec: str, seconds: float) -> str:
             f"{m['ops.count.integer']:.0f} ({m['ops.time_share.integer']:.0%})" if "ops.count.integer" in m else "—"
         )
         verdict = "**selected**" if t.get("int8flow.selected") == "true" else t.get("int8flow.verdict", "")
-        lines.append(f"| {name} | {kept} | {drop} | {speedup} | {integer} | {verdict} |")
+        verdict += f" ({t['int8flow.vs_ort_default']})" if "int8flow.vs_ort_default" in t else ""
+        step = t.get("int8flow.fallback_step", "")
+        lines.append(f"| {name} | {kept} | {drop} | {speedup} | {integer} | {verdict} | {step} |")
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,7 @@ from devset import pipeline_runs, run
 DEFAULT = ["minilm-qat", "mnist-cnn-qat"]
 
 
-def table(client: MlflowClient, spec: str, seconds: float) -> str:
+def table(client: MlflowClient, spec: str, seconds: float, peak_mb: float) -> str:
     parent, runs, metric = pipeline_runs(client, spec)
     params = parent.data.params
 
@@ -40,7 +40,7 @@ def table(client: MlflowClient, spec: str, seconds: float) -> str:
         "",
         f"{tags['int8flow.cpu']} (target `{tags['int8flow.target_preset']}`); FP32 {metric} "
         f"{parent.data.metrics[f'fp32.{metric}']:.4f}, p50 {parent.data.metrics[f'fp32.{key}_p50_ms']:.3g} ms at {key}; "
-        f"whole run {seconds:.0f} s. Outcome: **{tags['int8flow.summary']}**.",
+        f"whole run {seconds:.0f} s, peak RSS {peak_mb:.0f} MB. Outcome: **{tags['int8flow.summary']}**.",
         "",
         f"| variant | kind | {metric} | {metric} drop | p50 ms ({key}) | speed-up | MB | training | integer ops (share of time) | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -13,7 +13,7 @@ from int8flow.flows.steps import Baseline, Job, cover, log_made
 from int8flow.tasks.calibrate import CalibrationKey, CalibrationRanges
 from int8flow.tasks.data import Dataset
 from int8flow.tasks.evaluate import Scores, evaluate_model
-from int8flow.tasks.fallback import FallbackResult, accuracy_fallback
+from int8flow.tasks.fallback import MIN_GAIN_DB, FallbackResult, accuracy_fallback
 from int8flow.tasks.kinds import MakeJob, VariantBase
 from int8flow.tasks.model import Graph
 from int8flow.tasks.quantize import QuantizedModel, quantize
@@ -29,6 +29,7 @@ def _retry(
     error_data: Dataset,
     baseline: Baseline,
     work: Path,
+    base_drop: float | None,
 ) -> FallbackResult:
     # Plain arguments only: under Dask this runs in another process.
     rule = spec.selection.accuracy_rule(spec.selection_metric)
@@ -45,7 +46,17 @@ def _retry(
     # Fewer float nodes is faster and smaller: for those objectives, look past the first pass.
     bisect = spec.selection.objective in ("latency", "size")
     return accuracy_fallback(
-        variant, graph, quantized, error_data, quantize_step, evaluate_step, check, spec.fallback, bisect, work
+        variant,
+        graph,
+        quantized,
+        error_data,
+        quantize_step,
+        evaluate_step,
+        check,
+        spec.fallback,
+        bisect,
+        work,
+        base_drop,
     )
 
 
@@ -72,6 +83,7 @@ def retry_inaccurate(
             error_data,
             baseline,
             job.work / "fallback" / record.name,
+            record.accuracy.drop if record.accuracy else None,
             label=record.name,
         )
         for record in retried
@@ -107,17 +119,28 @@ def _steps_to_records(
         f"{e.node} ({e.op_type}, {e.input_sqnr_db:.1f} -> {e.output_sqnr_db:.1f} dB SQNR)" for e in result.ranking[:3]
     )
     say("fallback", f"{name}: {len(result.ranking)} quantized nodes ranked by error; worst: {worst or 'none'}")
+    if result.gains:
+        helped = sorted(result.gains.items(), key=lambda item: -item[1])
+        listed = ", ".join(f"{node} +{gain:.2f} dB" for node, gain in helped[:3] if gain > MIN_GAIN_DB) or "none"
+        say("fallback", f"{name}: {len(result.gains)} of them measured back in float; most helpful: {listed}")
     metric = job.spec.selection_metric.name
     for step in result.steps:
         status = (
             f"[red]failed[/]: {step.error}"
             if step.error
-            else (
-                f"{metric} drop {step.drop:.4g} " + ("[green]meets max_drop[/]" if step.passed else "still too large")
-            )
+            else f"{metric} drop {step.drop:.4g}" + (" [green]meets max_drop[/]" if step.passed else "")
         )
-        say("fallback", f"  {step.name}: {len(step.kept_in_float)} node(s) in float, {status} ({step.seconds:.1f} s)")
-        record = VariantRecord(step.variant, made=step.quantized, scores=step.evaluation, fallback_of=name)
+        say(
+            "fallback",
+            f"  {step.name}: {len(step.kept_in_float)} node(s) in float, {status}; {step.why} ({step.seconds:.1f} s)",
+        )
+        record = VariantRecord(
+            step.variant,
+            made=step.quantized,
+            scores=step.evaluation,
+            fallback_of=name,
+            clipping=records[name].clipping,
+        )
         if step.error:
             record.fail("fallback", step.error)
         else:
@@ -133,8 +156,11 @@ def _steps_to_records(
         else ""
     )
     say("fallback", f"{name}: stopped, {result.stopped}{best_text}")
-    lines = ["node,op_type,input_sqnr_db,output_sqnr_db,loss_db"]
+    lines = ["node,op_type,input_sqnr_db,output_sqnr_db,loss_db,measured_gain_db"]
     lines += [
-        f"{e.node},{e.op_type},{e.input_sqnr_db:.3f},{e.output_sqnr_db:.3f},{e.loss_db:.3f}" for e in result.ranking
+        f"{e.node},{e.op_type},{e.input_sqnr_db:.3f},{e.output_sqnr_db:.3f},{e.loss_db:.3f},"
+        + (f"{result.gains[e.node]:.3f}" if e.node in result.gains else "")
+        for e in result.ranking
     ]
-    job.run.fallback(name, "\n".join(lines) + "\n", result.stopped, len(result.steps), best.name if best else None)
+    steps = {step.name: step.why for step in result.steps}
+    job.run.fallback(name, "\n".join(lines) + "\n", result.stopped, steps, best.name if best else None)

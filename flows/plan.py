@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from int8flow.flows.spec import PipelineSpec
 from int8flow.tasks.calibrate import CalibrationKey
-from int8flow.tasks.hardware import HardwareInfo, HardwarePreset, PresetName, preset_for
+from int8flow.tasks.hardware import WHERE_NEEDED, HardwareInfo, HardwarePreset, PresetName, preset_for
 from int8flow.tasks.kinds import VariantBase
 from int8flow.tasks.model import Graph
 from int8flow.tasks.repair import required_opset
@@ -42,11 +42,17 @@ def make_plan(spec: PipelineSpec, hardware: HardwareInfo) -> Plan:
     variants = tuple(spec.resolved_variants(detected))
     calibrations = sorted({key for variant in variants if (key := variant.calibration_key()) is not None})
     notes, warnings = [], []
-    reduced = [variant.label for variant in variants if getattr(variant, "reduce_range", None)]
+    reduced = [variant.label for variant in variants if getattr(variant, "reduce_range", None) is True]
+    where_needed = [variant.label for variant in variants if getattr(variant, "reduce_range", None) == WHERE_NEEDED]
     if reduced and not hardware.has_vnni:
         notes.append(
             "no VNNI on this CPU: u8s8 products could saturate int16, so reduce_range (7-bit weights) is on for "
             + ", ".join(reduced)
+        )
+    if where_needed:
+        notes.append(
+            "no VNNI on this CPU: 7-bit weights only where a pair of 8-bit weights could saturate ORT's u8s8 "
+            "kernels (reduce_range where_needed) for " + ", ".join(where_needed)
         )
     saturating = [variant.label for variant in variants if variant.saturates(detected)]
     if saturating:

@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 from int8flow.flows.console import fail
+from int8flow.tasks.clipping import ClippingReport
 from int8flow.tasks.coverage import OpCoverage
 from int8flow.tasks.evaluate import Scores
 from int8flow.tasks.fallback import FallbackResult
@@ -52,6 +53,7 @@ class VariantRecord:
     fallback_of: str | None = None  # the variant whose accuracy fallback made this one
     fallback: FallbackResult | None = None  # the fallback this variant started
     qat: object | None = None  # tasks.qat.QatResult of a qat variant (torch-free import here)
+    clipping: ClippingReport | None = None  # how much of the evaluation data its calibration clips
 
     @property
     def name(self) -> str:

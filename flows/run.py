@@ -62,9 +62,11 @@ def run_pipeline(
         graphs = steps.fp32_graphs(job, source, records)
         baseline = steps.fp32_baseline(job, source)
         ranges, calibration_data = steps.calibrations(job, source, graphs, records)
+        steps.calibration_coverage(job, graphs, ranges, baseline, records)
         train_qat(job, records)  # before anything else is quantized: training has the machine to itself
         steps.make_and_evaluate(job, records, graphs, ranges, baseline)
         steps.judge_accuracy(job, records, baseline)
+        steps.ort_reference(job, records, graphs, baseline)
         retry_inaccurate(job, records, graphs, ranges, calibration_data or baseline.data, baseline)
         sessions = time_candidates(job, records, baseline)
         return _conclude(job, records, baseline, ranges, deciding(job, sessions), register)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, ValidationInfo, create_model, field_validator, model_validator
 
 from int8flow.tasks.calibrate import Calibration
+from int8flow.tasks.data import DataSource
 from int8flow.tasks.evaluate import Evaluation, Metric
 from int8flow.tasks.fallback import AccuracyFallback
 from int8flow.tasks.hardware import HardwarePreset, PresetName, Target
@@ -195,6 +196,25 @@ class PipelineSpec(StrictModel):
         if not path.is_file() or path.suffix != ".onnx":
             raise ValueError(f"expected an existing .onnx file, got {path}")
         return self.model_copy(update={"model": OnnxModelSource(source="onnx", path=path)})
+
+    def data_sources(self) -> dict[tuple[str | int, ...], DataSource]:
+        """Every data source that feeds the model, by its place in the spec."""
+        sources: dict[tuple[str | int, ...], DataSource] = {("evaluation", "data"): self.evaluation.data}
+        if self.calibration is not None:
+            sources[("calibration", "data")] = self.calibration.data
+        if self.evaluation.test is not None:
+            sources[("evaluation", "test")] = self.evaluation.test
+        return sources
+
+    def fixed_inputs(self) -> dict[str, Any]:
+        """Inputs every data source feeds one and the same `value`: constants of this pipeline's model."""
+        declared = [source.inputs for source in self.data_sources().values()]
+        values = {name: how.value for name, how in declared[0].items() if how.value is not None}
+        return {
+            name: value
+            for name, value in values.items()
+            if all(name in inputs and inputs[name].value == value for inputs in declared[1:])
+        }
 
     @property
     def selection_metric(self) -> Metric:

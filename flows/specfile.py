@@ -19,7 +19,6 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from int8flow.flows.spec import PipelineSpec, dotted, spec_model
-from int8flow.tasks.data import DataSource
 from int8flow.tasks.kinds import KINDS, KindRegistry
 from int8flow.tasks.preflight import Mismatch, check_against_model
 from int8flow.tasks.sources import MODEL_SOURCES
@@ -110,11 +109,7 @@ def preflight(spec: PipelineSpec) -> list[Mismatch]:
     """The spec's ONNX model and data files checked against each other (`tasks.preflight`)."""
     if spec.model.source != "onnx":
         return []
-    sources: dict[tuple[str | int, ...], DataSource] = {("evaluation", "data"): spec.evaluation.data}
-    if spec.calibration is not None:
-        sources[("calibration", "data")] = spec.calibration.data
-    if spec.evaluation.test is not None:
-        sources[("evaluation", "test")] = spec.evaluation.test
+    sources = spec.data_sources()
     names = [metric.name for metric in spec.evaluation.metrics]
     needs_labels = ("evaluation", "metrics", names.index("top1")) if "top1" in names else None
     return check_against_model(spec.model.path, sources, spec.evaluation.output, needs_labels)

@@ -7,11 +7,13 @@ their inputs, says what happened, and hands results to the MLflow adapter. Per-v
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime
 
@@ -19,16 +21,18 @@ from int8flow import __version__
 from int8flow.flows import faults
 from int8flow.flows.console import say, waiting, warn
 from int8flow.flows.plan import Plan
-from int8flow.flows.records import VariantRecord, attempt
+from int8flow.flows.records import VariantRecord, attempt, describe
 from int8flow.flows.runner import Outcome, Runner
 from int8flow.flows.spec import PipelineSpec
 from int8flow.flows.tracking import PipelineRun, Tag
 from int8flow.tasks.calibrate import CalibrationKey, CalibrationRanges, calibrate
+from int8flow.tasks.clipping import clipping
 from int8flow.tasks.coverage import op_coverage, slow_int8_warnings
 from int8flow.tasks.data import Dataset, Tokenizer, load_dataset
 from int8flow.tasks.errors import InputError
 from int8flow.tasks.evaluate import EvaluationError, ModelOutputs, Scores, evaluate, evaluate_model, run_model
 from int8flow.tasks.kinds import MakeJob
+from int8flow.tasks.kinds.dynamic import DynamicVariant
 from int8flow.tasks.model import Graph, ModelInfo, inspect_model
 from int8flow.tasks.preprocess import fuse_transformer, preprocess
 from int8flow.tasks.profile import input_feed
@@ -49,6 +53,7 @@ class Job:
     run: PipelineRun
     work: Path
     tokenize: Tokenizer | None
+    repairs: list[str] = field(default_factory=list)  # what `fp32_graphs` changed in the model as given
 
     @property
     def accuracy(self) -> AccuracyRule:
@@ -137,8 +142,11 @@ def log_setup(job: Job, source: ModelInfo) -> None:
 def fp32_graphs(job: Job, source: ModelInfo, records: Mapping[str, VariantRecord]) -> dict[Graph, Path]:
     """The FP32 graph each variant starts from: as given (repaired), pre-processed, transformer-fused."""
     work, runner = job.work, job.runner
+    fixed = {
+        name: np.asarray(value, dtype=source.input_dtypes.get(name)) for name, value in job.spec.fixed_inputs().items()
+    }
     repaired = runner.call(
-        "repair", repair_model, source.path, work / "repaired" / "model.onnx", job.plan.opset, label="given"
+        "repair", repair_model, source.path, work / "repaired" / "model.onnx", job.plan.opset, fixed, label="given"
     )
     pre = runner.call(
         "pre-process", preprocess, repaired.path, job.spec.preprocess, work / "preprocessed" / "model.onnx"
@@ -155,6 +163,7 @@ def fp32_graphs(job: Job, source: ModelInfo, records: Mapping[str, VariantRecord
     repairs = list(dict.fromkeys([*repaired.repairs, *pre.notes, *pre_repaired.repairs]))
     for note in repairs:
         warn("repair", note)
+    job.repairs[:] = repairs
     job.run.repairs(repairs)
     graphs = {Graph.GIVEN: repaired.path, Graph.PREPROCESSED: pre_repaired.path}
     if Graph.FUSED in job.plan.graphs:
@@ -267,6 +276,41 @@ def calibrations(
     return ranges, data
 
 
+def calibration_coverage(
+    job: Job,
+    graphs: Mapping[Graph, Path],
+    ranges: Mapping[CalibrationKey, CalibrationRanges],
+    baseline: Baseline,
+    records: Mapping[str, VariantRecord],
+) -> None:
+    """How much of the evaluation data each calibration would clip, per tensor; said when it is a lot, and
+    logged with every variant that uses those ranges."""
+    for key, calibrated in ranges.items():
+        try:
+            report = job.runner.call(
+                "clipping", clipping, graphs[key.graph], calibrated.path, str(key), baseline.data, label=str(key)
+            )
+        except Exception as error:  # noqa: BLE001 - a diagnostic: its failure must not fail the variants
+            warn("calibrate", f"{key}: clipping report failed: {type(error).__name__}: {error}")
+            continue
+        worst = report.tensors[0] if report.tensors else None
+        say(
+            "calibrate",
+            f"{key}: on {report.samples} evaluation samples, "
+            + (
+                f"the worst tensor ({worst.tensor}) clips {worst.share:.2%} of its values"
+                if worst
+                else "no tensor read"
+            ),
+        )
+        if (warning := report.warning()) is not None:
+            warn("calibrate", warning)
+            job.run.warn(warning)
+        for record in records.values():
+            if record.variant.calibration_key() == key:
+                record.clipping = report
+
+
 def make_and_evaluate(
     job: Job,
     records: Mapping[str, VariantRecord],
@@ -355,7 +399,7 @@ def log_made(job: Job, record: VariantRecord, baseline: Baseline) -> None:
         "compression_ratio": baseline.source.size_bytes / record.made.size_bytes,
         "quantize_seconds": record.made.seconds,
     }
-    tags = {}
+    tags, texts = {}, {}
     for output, fidelity in record.scores.fidelity.items():
         metrics |= fidelity.as_metrics(f"guard.{output}.")
     if record.coverage is not None:
@@ -365,10 +409,13 @@ def log_made(job: Job, record: VariantRecord, baseline: Baseline) -> None:
         tags[Tag.NOTES] = " | ".join(record.made.notes)
     if record.warnings:
         tags[Tag.WARNINGS] = " | ".join(record.warnings)
+    if record.clipping is not None:
+        metrics |= record.clipping.as_metrics()
+        texts["calibration/clipping.csv"] = record.clipping.as_csv()
     if record.fallback_of:
         tags[Tag.FALLBACK_OF] = record.fallback_of
         tags[Tag.KEPT_IN_FLOAT] = ",".join(record.variant.excluded_nodes())
-    job.run.variant_made(record.name, metrics, tags, record.made.path)
+    job.run.variant_made(record.name, metrics, tags, record.made.path, texts)
     faults.point("variant-logged")
 
 
@@ -390,6 +437,83 @@ def judge_accuracy(job: Job, records: Mapping[str, VariantRecord], baseline: Bas
     if constant is not None:
         job.run.warn(constant)
         warn("accuracy", constant)
+
+
+def ort_reference(
+    job: Job, records: Mapping[str, VariantRecord], graphs: Mapping[Graph, Path], baseline: Baseline
+) -> None:
+    """ORT's plain `quantize_dynamic(model, out)` of the model as given, evaluated like the variants: each
+    dynamic variant less accurate than it says how it differs (issue 16: a user's first try must not beat
+    the product silently)."""
+    dynamic = [
+        record
+        for record in records.values()
+        if isinstance(record.variant, DynamicVariant) and record.fallback_of is None and record.accuracy is not None
+    ]
+    if not dynamic:
+        return
+    spec, source = job.spec, baseline.source
+    scores, failures = None, []
+    for graph, what in ((source.path, "as given"), (graphs[Graph.GIVEN], "as repaired by int8flow")):
+        try:
+            scores = _ort_default_scores(job, graph, baseline)
+            break
+        except Exception as error:  # noqa: BLE001 - ORT's own defaults failing is a finding, not a failed run
+            failures.append(f"fails on {source.path.name} {what}: {describe(error)}")
+    if scores is None:
+        text = "ORT's plain quantize_dynamic " + "; ".join(failures)
+        say("reference", text)
+        job.run.ort_reference({}, text, {})
+        return
+    rule, metric = job.accuracy, spec.selection_metric.name
+    plain = rule.check(scores.metrics, baseline.scores.metrics)
+    summary = (
+        "ORT's plain quantize_dynamic "
+        + (f"{failures[0]}; of the repaired graph" if failures else f"of {source.path.name} as given")
+        + f": {metric}={scores.metrics[metric]:.4g}"
+    )
+    say("reference", summary)
+    comparisons = {}
+    for record in dynamic:
+        assert record.accuracy is not None and record.scores is not None and record.made is not None
+        assert isinstance(record.variant, DynamicVariant)
+        ours = record.scores.metrics[metric]
+        if record.accuracy.drop > plain.drop + 1e-9 or (
+            math.isnan(record.accuracy.drop) and not math.isnan(plain.drop)
+        ):
+            repairs = [] if failures else job.repairs  # the reference ran on the repaired graph too
+            differences = record.variant.differences_from_ort_default(record.made.notes, repairs)
+            comparisons[record.name] = (
+                f"less accurate than ORT's plain quantize_dynamic ({metric} {ours:.4g} vs {scores.metrics[metric]:.4g}); "
+                "it differs in: " + ("; ".join(differences) or "nothing int8flow knows of")
+            )
+            warn("reference", f"{record.name}: {comparisons[record.name]}")
+        else:
+            comparisons[record.name] = (
+                f"at least as accurate as ORT's plain quantize_dynamic ({metric} {ours:.4g} vs {scores.metrics[metric]:.4g})"
+            )
+    job.run.ort_reference(scores.metrics, summary, comparisons)
+
+
+def _ort_default_scores(job: Job, model: Path, baseline: Baseline) -> Scores:
+    made = job.runner.call(
+        "quantize",
+        quantize,
+        model,
+        DynamicVariant.ort_default(),
+        MakeJob(job.work / "ort-default" / "model.onnx", {}),
+        label="ort-default",
+    )
+    return job.runner.call(
+        "evaluate",
+        evaluate_model,
+        made.path,
+        baseline.data,
+        baseline.reference,
+        job.spec.evaluation.metrics,
+        job.spec.evaluation.output,
+        label="ort-default",
+    )
 
 
 def held_out(job: Job, record: VariantRecord, baseline: Baseline) -> AccuracyCheck | None:

@@ -67,6 +67,7 @@ class Tag:
     TARGET_REASON = "int8flow.target_reason"
     DETECTED_PRESET = "int8flow.detected_preset"
     REPAIRS = "int8flow.repairs"
+    ORT_DEFAULT = "int8flow.ort_default"  # ORT's plain quantize_dynamic of the model as given, scored
     EVAL_FINGERPRINT = "int8flow.eval_fingerprint"
     CALIBRATION_FINGERPRINT = "int8flow.calibration_fingerprint"
     SUMMARY = "int8flow.summary"
@@ -83,10 +84,12 @@ class Tag:
     NOTES = "int8flow.notes"
     OP_COVERAGE = "int8flow.op_coverage"
     WARNINGS = "int8flow.warnings"
+    VS_ORT_DEFAULT = "int8flow.vs_ort_default"  # a dynamic variant against ORT's plain quantize_dynamic
     FALLBACK_OF = "int8flow.fallback_of"
     KEPT_IN_FLOAT = "int8flow.kept_in_float"
     FALLBACK = "int8flow.fallback"
     FALLBACK_BEST = "int8flow.fallback_best"
+    FALLBACK_STEP = "int8flow.fallback_step"  # on a step: kept (more accurate) or discarded, and why
     QAT_STOPPED = "int8flow.qat_stopped"
     HELD_OUT = "int8flow.held_out"  # the selected variant on `evaluation.test`
     HELD_OUT_CONSISTENT = "int8flow.held_out_consistent"  # "false": the held-out drop fails or flags a gap
@@ -630,21 +633,44 @@ class PipelineRun:
         self.store.end(self._variant_runs[name], "FAILED", error)
 
     def variant_made(
-        self, name: str, metrics: Mapping[str, float | None], tags: Mapping[str, str], model: Path
+        self,
+        name: str,
+        metrics: Mapping[str, float | None],
+        tags: Mapping[str, str],
+        model: Path,
+        texts: Mapping[str, str] | None = None,
     ) -> None:
+        """The variant's numbers, tags, quantized model (`quantized/`) and reports (`texts`: artifact path -> text)."""
         run_id = self._variant_runs[name]
         self.store.log_metrics(run_id, metrics)
         if tags:
             self.store.set_tags(run_id, tags)
         self.store.log_artifact(run_id, model, "quantized")
+        for path, text in (texts or {}).items():
+            self.store.log_text(run_id, text, path)
 
     def variant_timed(self, name: str, metrics: Mapping[str, float]) -> None:
         self.store.log_metrics(self._variant_runs[name], metrics)
 
-    def fallback(self, name: str, ranking_csv: str, stopped: str, steps: int, best: str | None) -> None:
+    def ort_reference(self, metrics: Mapping[str, float], summary: str, comparisons: Mapping[str, str]) -> None:
+        """ORT's plain `quantize_dynamic` of the model as given: its scores on the parent run, and on each
+        dynamic variant whether it is at least as accurate, or how it differs."""
+        self.store.log_metrics(self.run_id, {f"ort_default.{name}": value for name, value in metrics.items()})
+        self.store.set_tags(self.run_id, {Tag.ORT_DEFAULT: summary})
+        for name, comparison in comparisons.items():
+            self.store.set_tags(self._variant_runs[name], {Tag.VS_ORT_DEFAULT: comparison})
+
+    def fallback(self, name: str, ranking_csv: str, stopped: str, steps: Mapping[str, str], best: str | None) -> None:
+        """The fallback of variant `name`: its node ranking, how it stopped, and for each step (by name) why
+        the search kept or discarded it."""
         run_id = self._variant_runs[name]
         self.store.log_text(run_id, ranking_csv, "fallback/node_errors.csv")
-        self.store.set_tags(run_id, {Tag.FALLBACK: f"{steps} step(s); {stopped}", Tag.FALLBACK_BEST: best or "none"})
+        self.store.set_tags(
+            run_id, {Tag.FALLBACK: f"{len(steps)} step(s); {stopped}", Tag.FALLBACK_BEST: best or "none"}
+        )
+        for step, why in steps.items():
+            if step in self._variant_runs:
+                self.store.set_tags(self._variant_runs[step], {Tag.FALLBACK_STEP: why})
 
     def qat(
         self,

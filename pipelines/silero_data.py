@@ -43,7 +43,7 @@ def _clips(name: str) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
     audio, labels = _split(name)
     return [
         (
-            # "input" first: the pipeline takes the batch size (here, frames) from the first input.
+            # h and c have no sample axis: the spec declares them so (`inputs: {h: {sample_axis: null}}`)
             {"input": model_rows(clip), "h": np.zeros(STATE_SHAPE, np.float32), "c": np.zeros(STATE_SHAPE, np.float32)},
             clip_labels.astype(np.int64),
         )
@@ -67,3 +67,45 @@ def frame_accuracy(outputs: list[np.ndarray], reference_outputs: list[np.ndarray
     if len(predicted) != len(labels):
         raise ValueError(f"{len(predicted)} frame probabilities for {len(labels)} labels")
     return float(np.mean(predicted == labels.astype(bool)))
+
+
+# --- silero-vad's stateful graph (data/silero_vad.onnx): one 32 ms chunk per sample, the state beside it ---
+#
+# That graph is what the package runs (`load_silero_vad(onnx=True)`): input [N, 576] (64 samples of
+# context + 512 new), state [2, N, 128] with the N streams on axis 1, sr a scalar. Deployed, the state
+# is carried from chunk to chunk. Here each chunk is a sample of its own, with the state FP32 had when
+# it reached that chunk (teacher forcing), so the samples are independent and every model sees the same
+# inputs; the spec declares `state: {sample_axis: 1}` and `sr: {value: 16000}`. A variant's error does
+# not build up through its own state this way: the guards on the `stateN` output show how far the
+# state itself moves.
+STATEFUL_STATE = (2, 1, 128)
+SAMPLE_RATE = 16000
+
+
+@cache
+def _stateful_session():
+    import onnxruntime as ort
+    import silero_vad
+
+    model = Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx"
+    return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+
+
+def _stateful_chunks(name: str) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    session, rate = _stateful_session(), np.array(SAMPLE_RATE, np.int64)
+    batches = []
+    for clip, clip_labels in zip(*_split(name), strict=True):
+        rows, state, states = model_rows(clip), np.zeros(STATEFUL_STATE, np.float32), []
+        for row in rows:
+            states.append(state)
+            _, state = session.run(None, {"input": row[None], "state": state, "sr": rate})
+        batches.append(({"input": rows, "state": np.concatenate(states, axis=1)}, clip_labels.astype(np.int64)))
+    return batches
+
+
+def stateful_evaluation_chunks() -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    return _stateful_chunks("evaluation")
+
+
+def stateful_calibration_chunks() -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    return _stateful_chunks("calibration")

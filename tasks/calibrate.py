@@ -71,6 +71,21 @@ class CalibrationKey:
         return self.method if self.graph is Graph.PREPROCESSED else f"{self.method}@{self.graph}"
 
 
+class _Feeds(CalibrationDataReader):
+    def __init__(self, feeds: list[dict]):
+        self._feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+# How many feeds (batches) one `collect_data` call sees. ORT's calibrators keep every output of a call
+# until it ends (the histogram ones: every calibrated tensor of every sample, e.g. ~60 MB a MiniLM
+# sentence), then fold them into ranges or histograms that they merge across calls. So a few feeds per
+# call keeps memory flat in the number of samples; the histograms merge as ORT merges them.
+FEEDS_PER_COLLECT = {"minmax": 16, "entropy": 1, "percentile": 1, "distribution": 1}
+
+
 class DatasetReader(CalibrationDataReader):
     """Feeds the dataset's batches; one sample at a time when batch shapes differ.
 
@@ -91,6 +106,13 @@ class DatasetReader(CalibrationDataReader):
         return next(self._feeds, None)
 
 
+def _take(reader: CalibrationDataReader, count: int) -> list[dict]:
+    chunk: list[dict] = []
+    while len(chunk) < count and (feed := reader.get_next()) is not None:
+        chunk.append(feed)
+    return chunk
+
+
 def calibrate(model: Path, dataset: Dataset, method: str, options: Calibration, out: Path) -> CalibrationRanges:
     """Compute activation ranges of `model` on `dataset` with `method` and save them to `out`."""
     started = time.perf_counter()
@@ -109,8 +131,10 @@ def calibrate(model: Path, dataset: Dataset, method: str, options: Calibration, 
                 providers=["CPUExecutionProvider"],
                 extra_options=extra_options,
             )
+            feeds, per_call = DatasetReader(dataset), FEEDS_PER_COLLECT[method]
             with quiet_prints():  # ORT's histogram calibrators print progress to stdout
-                calibrator.collect_data(DatasetReader(dataset))
+                while chunk := _take(feeds, per_call):
+                    calibrator.collect_data(_Feeds(chunk))
                 ranges = calibrator.compute_data()
             del calibrator
     except Exception as error:

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from int8flow.tasks.data import Dataset, DataSource
+from int8flow.tasks.data import DataError, Dataset, DataSource
 from int8flow.tasks.options import CALLABLE_PATTERN, StrictModel, WithUserCode, check_callable
 from int8flow.tasks.usercode import call_user
 
@@ -36,8 +36,16 @@ class Metric(WithUserCode):
     function: str | None = Field(
         default=None,
         pattern=CALLABLE_PATTERN,
-        description="User metric `module:function(outputs, reference_outputs, labels) -> float`; "
-        "outputs are lists of arrays per batch, labels None when the data has none.",
+        description="User metric `module:function(outputs, reference_outputs, labels) -> float`: outputs and "
+        "reference_outputs are lists with one array per batch (the variant's and FP32's, of the output the "
+        "metrics read), labels one array of every sample's labels (a list with one array per sample when their "
+        "shapes differ), None when the data has none. With `per_sample: true`: `function(output, "
+        "reference_output, label) -> float` for one sample at a time, averaged by int8flow.",
+    )
+    per_sample: bool = Field(
+        default=False,
+        description="Call `function` once per sample (its output, FP32's output, its label) and average: for "
+        "samples of different shapes, or labels of different lengths (a text line's characters).",
     )
     higher_is_better: bool | None = Field(
         default=None, description="Direction of a user metric; built-ins know their own."
@@ -62,6 +70,10 @@ class Metric(WithUserCode):
             )
         if self.function is not None and self.name in BUILTIN_METRICS:
             raise ValueError(f"{self.name!r} is a built-in metric; give the user metric another name")
+        if self.per_sample and self.function is None:
+            raise ValueError("`per_sample` is for user metrics (`function:`); the built-ins are per sample already")
+        if "." in self.name:
+            raise ValueError(f"metric name {self.name!r}: no dots (int8flow logs `<metric>.<output>` per output)")
         return self
 
     @property
@@ -116,10 +128,11 @@ class Evaluation(StrictModel):
         description="Metrics computed for FP32 and every variant; the first one drives selection "
         "unless `selection.metric` says otherwise.",
     )
-    output: str | None = Field(
+    output: str | list[str] | None = Field(
         default=None,
-        description="Model output the metrics read; default: the first output. Every output is compared with "
-        "FP32's by the guards.",
+        description="Model output(s) the metrics read: a name, a list of names, or `all`; default: the first "
+        "output. With several, each metric is logged per output (`<metric>.<output>`) and its value is the worst "
+        "of them. Every output is compared with FP32's by the guards whatever this says.",
     )
     guards: Guards = Field(default_factory=Guards, description="Fidelity guards on every output.")
     test: DataSource | None = Field(
@@ -141,17 +154,36 @@ class EvaluationError(RuntimeError):
     pass
 
 
+OutputChoice = str | list[str] | None  # a name, names, "all", or None for the first output
+ALL_OUTPUTS = "all"
+
+
 @dataclass(frozen=True)
 class ModelOutputs:
-    """Every output of a model on every batch, in dataset order; the metrics read `output_name`."""
+    """Every output of a model on every batch, in dataset order; the metrics read `read` (the first by default)."""
 
-    output_name: str
+    read: tuple[str, ...]
     outputs: Mapping[str, tuple[np.ndarray, ...]]  # output name -> one array per batch
     seconds: float
 
     @property
+    def output_name(self) -> str:
+        return self.read[0]
+
+    @property
     def batches(self) -> tuple[np.ndarray, ...]:
-        return self.outputs[self.output_name]
+        return self.outputs[self.read[0]]
+
+
+def outputs_read(choice: OutputChoice, names: Sequence[str]) -> tuple[str, ...]:
+    """The outputs the metrics read, of a model whose outputs are `names`; an EvaluationError for a name it lacks."""
+    if choice is None:
+        return (names[0],)
+    wanted = list(names) if choice == ALL_OUTPUTS else [choice] if isinstance(choice, str) else list(choice)
+    missing = [name for name in wanted if name not in names]
+    if missing or not wanted:
+        raise EvaluationError(f"the model has no output {missing[0]!r}; its outputs: {', '.join(names)}")
+    return tuple(dict.fromkeys(wanted))
 
 
 @dataclass(frozen=True)
@@ -202,7 +234,7 @@ class NonFiniteOutputs(EvaluationError):
     """The model computed NaN or Inf."""
 
 
-def run_model(model: Path, dataset: Dataset, output: str | None = None, threads: int = 1) -> ModelOutputs:
+def run_model(model: Path, dataset: Dataset, output: OutputChoice = None, threads: int = 1) -> ModelOutputs:
     """Every output of `model` on `dataset` (float16 widened to float32); NaN or Inf is an error."""
     started = time.perf_counter()
     try:
@@ -210,9 +242,8 @@ def run_model(model: Path, dataset: Dataset, output: str | None = None, threads:
     except Exception as error:
         raise EvaluationError(f"ONNX Runtime cannot load the model: {error}") from error
     names = [value.name for value in runner.get_outputs()]
-    output_name = output or names[0]
-    if output_name not in names:
-        raise EvaluationError(f"the model has no output {output_name!r}; its outputs: {', '.join(names)}")
+    read = outputs_read(output, names)
+    sample_axes = _output_sample_axes(runner, dataset)
     collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for index, batch in enumerate(dataset.batches):
         try:
@@ -221,11 +252,30 @@ def run_model(model: Path, dataset: Dataset, output: str | None = None, threads:
             raise EvaluationError(f"inference failed on batch {index}: {error}") from error
         for name, result in zip(names, results, strict=True):
             array = _widened(np.asarray(result))
+            if sample_axes.get(name):
+                array = np.moveaxis(array, sample_axes[name], 0)
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise NonFiniteOutputs(f"output {name!r} contains NaN or Inf (batch {index})")
             collected[name].append(array)
     outputs = {name: tuple(arrays) for name, arrays in collected.items()}
-    return ModelOutputs(output_name=output_name, outputs=outputs, seconds=time.perf_counter() - started)
+    return ModelOutputs(read=read, outputs=outputs, seconds=time.perf_counter() - started)
+
+
+def _output_sample_axes(runner: ort.InferenceSession, dataset: Dataset) -> dict[str, int]:
+    """Outputs whose samples are not on axis 0: those with the named dimension that holds the samples of
+    an input declared with another sample axis (a state [2, batch, 128] in, [2, batch, 128] out)."""
+    first = dataset.batches[0]
+    symbols = {
+        value.shape[axis]
+        for value in runner.get_inputs()
+        if (axis := first.axis(value.name)) and axis < len(value.shape) and isinstance(value.shape[axis], str)
+    }
+    moved = {}
+    for value in runner.get_outputs():
+        axes = [index for index, dim in enumerate(value.shape) if isinstance(dim, str) and dim in symbols]
+        if axes and axes[0] != 0:
+            moved[value.name] = axes[0]
+    return moved
 
 
 def _widened(output: np.ndarray) -> np.ndarray:
@@ -235,20 +285,20 @@ def _widened(output: np.ndarray) -> np.ndarray:
 def evaluate(
     outputs: ModelOutputs, reference: ModelOutputs, dataset: Dataset, metrics: Sequence[Metric], topk: int = 10
 ) -> Scores:
-    """Score `outputs` with each metric, and compare every output with FP32's (`reference`)."""
+    """Score `outputs` with each metric on each output they read, and compare every output with FP32's."""
     started = time.perf_counter()
     scores: dict[str, float] = {}
-    candidate = [batch.astype(np.float64) for batch in outputs.batches]
-    baseline = [batch.astype(np.float64) for batch in reference.batches]
+    read = [name for name in reference.read if name in outputs.outputs]
     for metric in metrics:
-        if metric.function is not None:
-            scores[metric.name] = _user_metric(metric, outputs, reference, dataset)
-        elif metric.name == "cosine":
-            similarity = cosine_per_sample(candidate, baseline)
-            scores["cosine"] = float(similarity.mean())
-            scores["cosine_min"] = float(similarity.min())
-        else:
-            scores[metric.name] = BUILTIN_FUNCTIONS[metric.name](candidate, baseline, dataset)
+        per_output = {name: _score(metric, outputs.outputs[name], reference.outputs[name], dataset) for name in read}
+        if len(per_output) == 1:
+            scores.update(next(iter(per_output.values())))
+            continue
+        for name, values in per_output.items():
+            scores.update({f"{key}.{name}": value for key, value in values.items()})
+        pick = min if metric.higher_better else max  # the worst output decides
+        for key in next(iter(per_output.values())):
+            scores[key] = pick(values[key] for values in per_output.values())
     fidelity = {
         name: compare_output(outputs.outputs[name], reference.outputs[name], topk)
         for name in reference.outputs
@@ -260,6 +310,19 @@ def evaluate(
         time.perf_counter() - started,
         {name: f for name, f in fidelity.items() if f is not None},
     )
+
+
+def _score(
+    metric: Metric, outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], dataset: Dataset
+) -> dict[str, float]:
+    if metric.function is not None:
+        return {metric.name: _user_metric(metric, outputs, reference, dataset)}
+    candidate = [batch.astype(np.float64) for batch in outputs]
+    baseline = [batch.astype(np.float64) for batch in reference]
+    if metric.name == "cosine":
+        similarity = cosine_per_sample(candidate, baseline)
+        return {"cosine": float(similarity.mean()), "cosine_min": float(similarity.min())}
+    return {metric.name: BUILTIN_FUNCTIONS[metric.name](candidate, baseline, dataset)}
 
 
 def _per_sample(batches: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -373,15 +436,37 @@ def compare_output(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray
     return Fidelity(sqnr, agreement, worst / value_range if value_range > 0 else float(worst > 0))
 
 
-def _user_metric(metric: Metric, outputs: ModelOutputs, reference: ModelOutputs, dataset: Dataset) -> float:
+def _user_metric(
+    metric: Metric, outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], dataset: Dataset
+) -> float:
     reference_name = str(metric.function)
     function = metric.load(reference_name)
-    value = call_user(reference_name, function, list(outputs.batches), list(reference.batches), dataset.labels())
+    if metric.per_sample:
+        labels = dataset.sample_labels()
+        got, want = _rows(outputs), _rows(reference)
+        values = [
+            _number(metric, call_user(reference_name, function, row, expected, None if labels is None else labels[i]))
+            for i, (row, expected) in enumerate(zip(got, want, strict=True))
+        ]
+        return float(np.mean(values)) if values else math.nan
     try:
-        return float(value)
+        labels_arg: object = dataset.labels()
+    except DataError:  # labels of different shapes: one array per sample
+        labels_arg = dataset.sample_labels()
+    return _number(metric, call_user(reference_name, function, list(outputs), list(reference), labels_arg))
+
+
+def _rows(batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """One array per sample, its shape as the model gives it minus the batch axis."""
+    return [row for batch in batches for row in batch]
+
+
+def _number(metric: Metric, value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError) as error:
         raise EvaluationError(
-            f"metric {metric.name} ({reference_name}) returned {type(value).__name__}, not a number"
+            f"metric {metric.name} ({metric.function}) returned {type(value).__name__}, not a number"
         ) from error
 
 
@@ -390,9 +475,9 @@ def evaluate_model(
     dataset: Dataset,
     reference: ModelOutputs,
     metrics: Sequence[Metric],
-    output: str | None = None,
+    output: OutputChoice = None,
     topk: int = TOPK,
 ) -> Scores:
     """Run `model` on `dataset` and score it against labels and the FP32 `reference` outputs."""
-    outputs = run_model(model, dataset, output or reference.output_name)
+    outputs = run_model(model, dataset, output if output is not None else list(reference.read))
     return evaluate(outputs, reference, dataset, metrics, topk)

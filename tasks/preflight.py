@@ -20,6 +20,7 @@ import numpy as np
 
 from int8flow.tasks.data import LABELS_KEY, DataSource
 from int8flow.tasks.errors import InputError
+from int8flow.tasks.evaluate import EvaluationError, OutputChoice, outputs_read
 from int8flow.tasks.model import TensorInfo, load_graph, tensor_info
 
 Location = tuple[str | int, ...]
@@ -59,7 +60,7 @@ def _header(handle: object) -> ArrayHeader:
 
 
 def check_against_model(
-    model: Path, sources: Mapping[Location, DataSource], output: str | None, needs_labels: Location | None
+    model: Path, sources: Mapping[Location, DataSource], output: OutputChoice, needs_labels: Location | None
 ) -> list[Mismatch]:
     """Problems of `model` and of the `.npz`/`.npy` data `sources` (by their spec location) against it."""
     try:
@@ -70,13 +71,17 @@ def check_against_model(
     inputs = [tensor_info(value) for value in graph.input if value.name not in initializers]
     outputs = [value.name for value in graph.output]
     problems = []
-    if output is not None and output not in outputs:
-        problems.append(
-            Mismatch(("evaluation", "output"), f"the model has no output {output!r}; its outputs: {', '.join(outputs)}")
-        )
+    try:
+        outputs_read(output, outputs)
+    except EvaluationError as error:
+        problems.append(Mismatch(("evaluation", "output"), str(error)))
     for location, source in sources.items():
+        problems += _declared_problems(location, source, inputs)
         if source.path is not None:
-            problems += [Mismatch((*location, "path"), message) for message in _data_problems(source.path, inputs)]
+            in_data = [
+                tensor for tensor in inputs if tensor.name not in source.inputs or source.inputs[tensor.name].in_data
+            ]
+            problems += [Mismatch((*location, "path"), message) for message in _data_problems(source.path, in_data)]
     evaluation = sources.get(("evaluation", "data"))
     path = evaluation.path if evaluation is not None else None
     readable = list(_headers_of(path)) if path is not None and not problems else []
@@ -90,6 +95,29 @@ def _headers_of(path: Path) -> Iterator[dict[str, ArrayHeader]]:
     for file in files:
         with contextlib.suppress(OSError, ValueError, zipfile.BadZipFile):  # unreadable files are reported apart
             yield array_headers(file)
+
+
+def _declared_problems(location: Location, source: DataSource, inputs: Sequence[TensorInfo]) -> list[Mismatch]:
+    """The spec's `inputs:` against the model: names it takes, and the rank of arrays the spec writes."""
+    expected = {tensor.name: tensor for tensor in inputs}
+    problems = []
+    for name, how in source.inputs.items():
+        where = (*location, "inputs", name)
+        tensor = expected.get(name)
+        if tensor is None:
+            problems.append(Mismatch(where, f"the model has no input {name!r}; its inputs: {', '.join(expected)}"))
+            continue
+        rank = len(how.zeros) if how.zeros is not None else np.ndim(how.value) if how.value is not None else None
+        if rank is not None and rank != len(tensor.shape):
+            shape = "[" + ", ".join(str(dim) for dim in tensor.shape) + "]"
+            problems.append(
+                Mismatch(where, f"rank {rank} given; the model's input {name!r} is rank {len(tensor.shape)} {shape}")
+            )
+        if how.sample_axis is not None and how.in_data and how.sample_axis >= max(len(tensor.shape), 1):
+            problems.append(
+                Mismatch((*where, "sample_axis"), f"the model's input {name!r} has no axis {how.sample_axis}")
+            )
+    return problems
 
 
 def _data_problems(path: Path, inputs: Sequence[TensorInfo]) -> list[str]:

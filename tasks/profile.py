@@ -44,4 +44,4 @@ def input_feed(dataset: Dataset, batch_size: int) -> dict[str, np.ndarray]:
     """A batch of `batch_size` real evaluation samples (repeated if the data has fewer)."""
     first = dataset.batches[0]
     indices = np.arange(batch_size) % first.size
-    return {name: np.ascontiguousarray(array) for name, array in first.take(indices).items()}
+    return {name: np.asarray(array, order="C") for name, array in first.take(indices).items()}  # 0-d stays 0-d

@@ -8,18 +8,24 @@ Real exported models trip ORT's quantizers in ways that have nothing to do with 
 - a Gemm bias of shape [1, N] (what `quant_pre_process` writes when it fuses MatMul + Add) breaks ORT
   1.32's per-channel bias handling: `_adjust_weight_scale_for_int32_bias` raises "truth value of an
   array ... is ambiguous", and with that step disabled the written model fails at inference;
-- models stored with external data need the quantizers' external-data mode.
+- models stored with external data need the quantizers' external-data mode;
+- weights inside the branches of an `If` are invisible to the quantizers, which quantize the main graph
+  only (silero-vad's stateful graph holds its whole model in `If(sr == 16000)`): when the condition
+  depends only on inputs the spec feeds one fixed value (`inputs: {sr: {value: 16000}}`), the `If` is
+  replaced by the branch it takes for that value.
 Each repair leaves the graph's function unchanged; the FP32 baseline stays the model as given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import numpy_helper, version_converter
+from onnx import helper, numpy_helper, version_converter
+from onnx.reference import ReferenceEvaluator
 
 from int8flow.tasks.kinds import VariantBase
 from int8flow.tasks.kinds.base import PER_CHANNEL_QDQ_OPSET, QUANTIZATION_OPSET
@@ -69,6 +75,107 @@ def constants_to_initializers(graph: onnx.GraphProto) -> int:
     return moved
 
 
+def _condition_value(
+    graph: onnx.GraphProto,
+    condition: str,
+    fixed: Mapping[str, np.ndarray],
+    opsets: Iterable[onnx.OperatorSetIdProto],
+) -> bool | None:
+    """The value of `condition` when it depends only on `fixed` inputs, initializers and Constants; else None."""
+    producers = {name: node for node in graph.node for name in node.output}
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    needed: list[onnx.NodeProto] = []
+    stack, seen = [condition], set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name in initializers or name in fixed:
+            continue
+        seen.add(name)
+        node = producers.get(name)
+        if node is None or any(attribute.type == onnx.AttributeProto.GRAPH for attribute in node.attribute):
+            return None  # a graph input fed per batch, or control flow: not decidable here
+        needed.append(node)
+        stack.extend(input_name for input_name in node.input if input_name)
+    used = {name for node in needed for name in node.input}
+    inputs = [name for name in fixed if name in used]
+    try:
+        evaluator = ReferenceEvaluator(
+            helper.make_model(
+                helper.make_graph(
+                    list(reversed(needed)),
+                    "condition",
+                    [
+                        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(fixed[name].dtype), None)
+                        for name in inputs
+                    ],
+                    [helper.make_tensor_value_info(condition, onnx.TensorProto.BOOL, None)],
+                    [initializers[name] for name in used if name in initializers],
+                ),
+                opset_imports=list(opsets),
+            )
+        )
+        results = evaluator.run(None, {name: fixed[name] for name in inputs})
+    except Exception:  # noqa: BLE001 - anything the reference evaluator cannot do leaves the If alone
+        return None
+    value = np.asarray(results[0]) if isinstance(results, list) and results else np.asarray([])
+    return bool(value.reshape(-1)[0]) if value.size == 1 else None
+
+
+def specialize_ifs(model: onnx.ModelProto, fixed: Mapping[str, np.ndarray]) -> int:
+    """Replace each main-graph `If` whose condition `fixed` inputs decide by the branch it takes; returns how many."""
+    graph = model.graph
+    taken = 0
+    for node in list(graph.node):
+        if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+            continue
+        value = _condition_value(graph, node.input[0], fixed, model.opset_import)
+        if value is None:
+            continue
+        branch = next(a.g for a in node.attribute if a.name == ("then_branch" if value else "else_branch"))
+        existing = {name for other in graph.node for name in other.output} | {t.name for t in graph.initializer}
+        inner = {name for inner_node in branch.node for name in inner_node.output} | {
+            t.name for t in branch.initializer
+        }
+        if inner & existing:
+            continue  # a branch-local name would clash with the main graph's
+        position = list(graph.node).index(node)
+        replacement = list(branch.node) + [
+            helper.make_node("Identity", [result.name], [output], name=f"{node.name or 'if'}_taken_{index}")
+            for index, (result, output) in enumerate(zip(branch.output, node.output, strict=True))
+        ]
+        graph.initializer.extend(branch.initializer)
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes[:position] + replacement + nodes[position + 1 :])
+        taken += 1
+    if taken:
+        _drop_dead_nodes(graph)
+    return taken
+
+
+def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Nodes whose outputs nothing reads (the condition of an If that is gone)."""
+    while True:
+        read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+        read |= {name for node in graph.node for name in _subgraph_reads(node)}
+        alive = [node for node in graph.node if any(name in read for name in node.output)]
+        if len(alive) == len(graph.node):
+            return
+        del graph.node[:]
+        graph.node.extend(alive)
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read from the enclosing scope (subgraphs may use outer names)."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            for inner in attribute.g.node:
+                names.update(inner.input)
+                names |= _subgraph_reads(inner)
+    return names
+
+
 def flatten_gemm_biases(graph: onnx.GraphProto) -> int:
     """Give Gemm biases of shape [1, N] the shape [N] (the same broadcast); returns how many."""
     initializers = {tensor.name: tensor for tensor in graph.initializer}
@@ -94,14 +201,24 @@ def flatten_gemm_biases(graph: onnx.GraphProto) -> int:
     return flattened
 
 
-def repair_model(model: Path, out: Path, min_opset: int) -> RepairedModel:
-    """Write a repaired copy of `model` to `out` if it needs one; otherwise return `model` untouched."""
+def repair_model(
+    model: Path, out: Path, min_opset: int, fixed_inputs: Mapping[str, np.ndarray] | None = None
+) -> RepairedModel:
+    """Write a repaired copy of `model` to `out` if it needs one; otherwise return `model` untouched.
+    `fixed_inputs`: inputs the spec feeds one value for every batch (they may decide an `If`)."""
     proto = onnx.load(str(model))
     repairs = []
     external = uses_external_data(model)
     if external:
         repairs.append(
             "external data: the model's tensors live in a separate file; every stage reads and writes it that way"
+        )
+    specialized = specialize_ifs(proto, fixed_inputs or {})
+    if specialized:
+        names = ", ".join(f"{name}={np.asarray(value).tolist()}" for name, value in (fixed_inputs or {}).items())
+        repairs.append(
+            f"{specialized} If node(s) replaced by the branch they take for {names} (the spec feeds that value to "
+            "every batch), so the quantizers see the weights inside"
         )
     moved = constants_to_initializers(proto.graph)
     if moved:
@@ -125,7 +242,7 @@ def repair_model(model: Path, out: Path, min_opset: int) -> RepairedModel:
                 if min_opset >= PER_CHANNEL_QDQ_OPSET
                 else f"opset {opset} -> {min_opset} (ORT's quantizers need opset {QUANTIZATION_OPSET})"
             )
-    changed = bool(moved or flattened) or default_opset(proto) != opset
+    changed = bool(specialized or moved or flattened) or default_opset(proto) != opset
     if not changed:
         return RepairedModel(model, tuple(repairs))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from int8flow.tasks.data import Batch, Dataset
+from int8flow.tasks.calibrate import Calibration, CalibrationKey, calibrate
+from int8flow.tasks.data import Batch, Dataset, DataSource
 from int8flow.tasks.evaluate import Metric, evaluate_model, run_model
-from int8flow.tasks.fallback import AccuracyFallback, accuracy_fallback, next_count, rank_nodes
-from int8flow.tasks.kinds import DynamicVariant, MakeJob
+from int8flow.tasks.fallback import AccuracyFallback, accuracy_fallback, measure_gains, rank_nodes, search_order
+from int8flow.tasks.kinds import DynamicVariant, MakeJob, StaticVariant
+from int8flow.tasks.model import Graph
 from int8flow.tasks.quantize import quantize
 from int8flow.tasks.select import AccuracyRule
 
@@ -96,10 +99,10 @@ def test_keeping_the_worst_node_in_float_meets_the_constraint(setup):
     result = _run(setup, max_drop=0.001, budget=AccuracyFallback(max_steps=6))
     first = result.steps[0]
     assert first.kept_in_float == ("middle_layer",)
-    assert first.passed and first.drop <= 0.001
+    assert first.passed and first.drop <= 0.001 and first.kept
     assert first.variant.nodes_to_exclude == ["middle_layer"] and first.name == "dynamic-float1"
     assert result.best is first
-    # one float node already passes: there is nothing fewer to bisect towards
+    # one float node already passes: there is nothing fewer to trim towards
     assert len(result.steps) == 1 and result.stopped.startswith("constraint met")
 
 
@@ -110,16 +113,72 @@ def test_the_step_budget_stops_an_impossible_constraint_and_keeps_the_best_so_fa
     assert result.best is result.steps[0]
 
 
-def test_the_schedule_doubles_until_a_pass_then_bisects_towards_fewer_float_nodes():
-    assert next_count({0: False}, 20, bisect=True) == 1
-    assert next_count({0: False, 1: False}, 20, bisect=True) == 2
-    assert next_count({0: False, 1: False, 2: False, 4: False}, 20, bisect=True) == 8
-    assert next_count({0: False, 1: False, 2: False, 4: False, 8: False}, 12, bisect=True) == 12
-    # passed at 8, failed at 4: try 6, then 5 or 7
-    assert next_count({0: False, 4: False, 8: True}, 20, bisect=True) == 6
-    assert next_count({0: False, 4: False, 6: True, 8: True}, 20, bisect=True) == 5
-    assert next_count({0: False, 4: False, 5: True, 6: True}, 20, bisect=True) is None
-    # an objective that does not reward fewer float nodes stops at the first pass
-    assert next_count({0: False, 4: False, 8: True}, 20, bisect=False) is None
-    # every candidate tried without a pass
-    assert next_count({0: False, 1: False, 2: False, 3: False}, 3, bisect=True) is None
+def test_the_search_only_keeps_steps_that_make_the_variant_more_accurate(setup):
+    # a constraint nothing meets: the search tries every node once, never keeping a step that got worse
+    result = _run(setup, max_drop=-1.0, budget=AccuracyFallback(max_steps=6))
+    kept_drops = [step.drop for step in result.steps if step.kept]
+    assert kept_drops and kept_drops == sorted(kept_drops, reverse=True)
+    assert all(step.kept == (step.drop < previous) for step, previous in _with_previous_kept(result, setup))
+    assert result.stopped == "every candidate node tried"
+    # the float set only grows along kept steps: a discarded step's nodes are not tried again
+    tried = [set(step.kept_in_float) for step in result.steps]
+    assert all(len(later) > len(earlier) for earlier, later in itertools.pairwise(tried))
+
+
+def _with_previous_kept(result, setup):
+    _work, _model, data, reference, _variant, quantized = setup
+    drop = 1.0 - evaluate_model(quantized.path, data, reference, [COSINE]).metrics["cosine"]
+    for step in result.steps:
+        yield step, drop
+        if step.kept:
+            drop = step.drop
+
+
+def test_a_qdq_node_put_back_in_float_in_place_gains_what_re_quantizing_without_it_gains(setup):
+    # static QDQ of the same model: the middle layer's outliers ruin one per-tensor weight scale
+    work, model, data, reference, _variant, _quantized = setup
+    ranges = calibrate(model, data, "minmax", Calibration(data=DataSource(path=model)), work / "minmax.json")
+    job = MakeJob(work / "static.onnx", {CalibrationKey("minmax", Graph.PREPROCESSED): ranges})
+    static = StaticVariant(
+        kind="static", name="static", reduce_range=False, activation_type="QUInt8", weight_type="QInt8"
+    )
+    quantized = quantize(model, static, job)
+    feeds = [{"x": batch.inputs["x"][:1]} for batch in data.batches]
+    gains = measure_gains(model, quantized.path, ["middle_layer", "last_layer"], feeds, seconds=60)
+    assert gains["middle_layer"] > 10 > gains["last_layer"]
+    # and the order the search follows puts the measured gain first
+    ranking = rank_nodes(model, quantized.path, static, feeds)
+    assert search_order(ranking, gains)[0] == "middle_layer"
+    # the in-place float copy agrees with a real re-quantization that keeps the node in float
+    excluded = quantize(
+        model,
+        static.with_excluded(("middle_layer",), "static-float1"),
+        MakeJob(work / "static-float1.onnx", job.ranges),
+    )
+    in_place = evaluate_model(quantized.path, data, reference, [COSINE]).metrics["cosine"]
+    requantized = evaluate_model(excluded.path, data, reference, [COSINE]).metrics["cosine"]
+    assert requantized > in_place
+
+
+def test_a_node_kept_in_float_reads_float_tensors_so_ort_cannot_quantize_it_again(setup):
+    work, model, data, reference, _variant, _quantized = setup
+    ranges = calibrate(model, data, "minmax", Calibration(data=DataSource(path=model)), work / "minmax-2.json")
+    job = MakeJob(work / "kept.onnx", {CalibrationKey("minmax", Graph.PREPROCESSED): ranges})
+    static = StaticVariant(
+        kind="static",
+        name="s",
+        reduce_range=False,
+        activation_type="QUInt8",
+        weight_type="QInt8",
+        nodes_to_exclude=["middle_layer"],
+    )
+    made = quantize(model, static, job)
+    graph = onnx.load(str(made.path)).graph
+    producers = {name: node.op_type for node in graph.node for name in node.output}
+    middle = next(node for node in graph.node if node.name == "middle_layer")
+    # its activation input comes from the float Relu, not from a DequantizeLinear: ORT's
+    # WeightBiasQuantization transformer only re-quantizes float nodes fed by a DequantizeLinear
+    assert producers[middle.input[0]] == "Relu" and middle.input[1] == "middle"
+    assert any("WeightBiasQuantization" in note for note in made.notes)
+    cosine = evaluate_model(made.path, data, reference, [COSINE]).metrics["cosine"]
+    assert cosine > 0.999

@@ -65,9 +65,7 @@ def test_exported_qdq_model_matches_the_fake_quantized_torch_model(tmp_path, fac
     model_source = source(factory, name, ["batch", *shape[1:]])
     module = qat.load_source_module(model_source)
     # the quantization this CPU runs: 7-bit weights where ORT's u8s8 kernels saturate (AVX2 without VNNI)
-    variant = QatVariant(
-        kind="qat", name="q", per_channel=per_channel, activation_type="QUInt8", reduce_range=THIS_CPU.reduce_range
-    )
+    variant = QatVariant(kind="qat", name="q", per_channel=per_channel, activation_type="QUInt8").with_preset(THIS_CPU)
     layers = qat.prepare(module, variant)
     calibration = batches(name, shape, 4)
     qat.calibrate(module, [b.inputs for b in calibration], [name])

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,9 @@ import onnx
 import pytest
 
 from int8flow.tasks.calibrate import Calibration, CalibrationKey, calibrate
+from int8flow.tasks.clipping import clipping
 from int8flow.tasks.coverage import op_coverage
-from int8flow.tasks.data import DataSource, load_dataset
+from int8flow.tasks.data import Dataset, DataSource, load_dataset
 from int8flow.tasks.evaluate import Metric, evaluate, evaluate_model, run_model
 from int8flow.tasks.hardware import HARDWARE_PRESETS, detect, preset_for
 from int8flow.tasks.kinds import DynamicVariant, Fp16Variant, MakeJob, StaticVariant, WeightOnlyInt4Variant
@@ -398,3 +400,22 @@ def test_preprocess_falls_back_when_symbolic_shape_inference_fails(tmp_path):
     run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]  # noqa: E731
     np.testing.assert_allclose(run(result.path), run(tmp_path / "cdist.onnx"), rtol=1e-5)
     assert not list(Path.cwd().glob("sym_shape_infer_temp.onnx")), "no scratch file left in the working directory"
+
+
+def test_calibration_that_does_not_cover_the_evaluation_data_is_reported_per_tensor(prepared, tmp_path):
+    _info, pre, evaluation, calibration, _reference, _work = prepared
+    options = Calibration(data=DataSource(path=pre.path))
+    # minmax ranges from the evaluation data itself clip nothing of it
+    own = calibrate(pre.path, evaluation, "minmax", options, tmp_path / "own.json")
+    covered = clipping(pre.path, own.path, "minmax", evaluation)
+    assert covered.samples == 64 and covered.worst_share == 0.0 and covered.warning() is None
+    # ranges from dim calibration images (a third of the ink) clip a large share of the real ones
+    dim = Dataset(tuple(replace(b, inputs={"pixels": b.inputs["pixels"] / 3}) for b in calibration.batches), "dim")
+    narrow = calibrate(pre.path, dim, "minmax", options, tmp_path / "dim.json")
+    report = clipping(pre.path, narrow.path, "minmax", evaluation)
+    assert report.worst_share > 0.05 and report.tensors[0].overshoot > 0.5
+    assert report.warning() is not None and "does not cover the evaluation data" in report.warning()
+    metrics = report.as_metrics()
+    assert metrics["calibration.clipped_share_max"] == report.worst_share
+    assert metrics["calibration.tensors_clipping_over_1pct"] >= 1
+    assert report.as_csv().splitlines()[1].startswith(report.tensors[0].tensor + ",")

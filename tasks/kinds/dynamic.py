@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -9,8 +10,8 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.registry import IntegerOpsRegistry
 from pydantic import Field
 
-from int8flow.tasks.hardware import HardwarePreset, saturates
-from int8flow.tasks.kinds._ort import extra_options
+from int8flow.tasks.hardware import HardwarePreset, ReduceRange, saturates
+from int8flow.tasks.kinds._ort import extra_options, weight_ranges
 from int8flow.tasks.kinds.base import QUANTIZATION_OPSET, KindFacts, MakeJob, VariantBase
 from int8flow.tasks.model import Graph, uses_external_data
 
@@ -30,9 +31,10 @@ class DynamicVariant(VariantBase):
     kind: Literal["dynamic"] = Field(description="Dynamic quantization (weights int8 ahead of time).")
     weight_type: Int8Type | None = Field(default=None, description="Weight integer type; default: the target's.")
     per_channel: bool = Field(default=False, description="One scale per output channel of a weight.")
-    reduce_range: bool | None = Field(
+    reduce_range: ReduceRange | None = Field(
         default=None,
-        description="7-bit weights, avoids u8s8 saturation on CPUs without VNNI; default: the target's.",
+        description="7-bit weights, avoids u8s8 saturation on CPUs without VNNI; `where_needed`: only for the "
+        "weights whose pairs can saturate ORT's AVX2 kernels; default: the target's.",
     )
     op_types: list[str] | None = Field(
         default=None, description="Op types to quantize (e.g. [MatMul, Attention]); default: ORT's."
@@ -58,17 +60,60 @@ class DynamicVariant(VariantBase):
     def saturates(self, preset: str) -> bool:
         return saturates(preset, None, self.weight_type, self.reduce_range)
 
+    @classmethod
+    def ort_default(cls) -> DynamicVariant:
+        """What `quantize_dynamic(model, out)` does with ORT's defaults: per tensor, 8-bit s8 weights, every
+        op type it knows; the first thing a user tries, and the reference a dynamic variant must match."""
+        return cls(kind="dynamic", name="ort-default", reduce_range=False, weight_type="QInt8")
+
+    def differences_from_ort_default(self, notes: Sequence[str], repairs: Sequence[str]) -> list[str]:
+        """How this variant, as made (its `notes`), differs from `ort_default()` of the model as given."""
+        differences = []
+        if self.graph == Graph.FUSED:
+            differences.append("it starts from the transformer-fused graph (ORT's transformer optimizer)")
+        elif self.graph == Graph.PREPROCESSED:
+            differences.append(
+                "it starts from the pre-processed graph (ORT's quant_pre_process: constant folding, "
+                "BatchNormalization folded into Conv, which widens per-tensor weight ranges)"
+            )
+        if repairs:
+            differences.append("int8flow's repairs of the graph: " + "; ".join(repairs))
+        if self.reduce_range is True:
+            differences.append("7-bit weights everywhere (reduce_range: true)")
+        differences += [note for note in notes if note.startswith("reduce_range where_needed: 7-bit weights for")]
+        if self.per_channel:
+            differences.append("per-channel weight scales")
+        if self.weight_type == "QUInt8":
+            differences.append("u8 weights")
+        if self.op_types is not None:
+            differences.append(f"only op types {', '.join(self.op_types)}")
+        if self.nodes_to_exclude:
+            differences.append(f"{len(self.nodes_to_exclude)} node(s) kept in float")
+        if self.extra_options:
+            differences.append(f"extra_options {sorted(self.extra_options)}")
+        return differences
+
     def make(self, model: Path, job: MakeJob) -> list[str]:
         options, notes = extra_options(model, self.extra_options)
+        reduce_range, options, range_notes = weight_ranges(
+            model,
+            self.reduce_range,
+            "dynamic",
+            self.per_channel,
+            options,
+            self.nodes_to_exclude,
+            None,
+            self.weight_type,
+        )
         quantize_dynamic(
             model,
             job.out,
             op_types_to_quantize=self.op_types,
             per_channel=self.per_channel,
-            reduce_range=bool(self.reduce_range),
+            reduce_range=reduce_range,
             weight_type=QuantType[self.weight_type or "QInt8"],
             nodes_to_exclude=self.nodes_to_exclude,
             use_external_data_format=uses_external_data(model),
             extra_options=options,
         )
-        return notes
+        return notes + range_notes

@@ -134,7 +134,8 @@ class QatVariant(VariantBase):
         defaults = {
             "activation_type": preset.activation_type,
             "weight_type": preset.weight_type,
-            "reduce_range": preset.reduce_range,
+            # QAT trains its weights' scales itself: where the preset wants 7 bits anywhere, all of them
+            "reduce_range": preset.reduce_range is not False,
         }
         return self.model_copy(update={key: value for key, value in defaults.items() if getattr(self, key) is None})
 

@@ -9,8 +9,8 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from pydantic import Field
 
 from int8flow.tasks.calibrate import ALL_QUANTIZABLE_OPS, ORT_METHODS, CalibrationKey, CalibrationMethodName
-from int8flow.tasks.hardware import HardwarePreset, saturates
-from int8flow.tasks.kinds._ort import extra_options
+from int8flow.tasks.hardware import HardwarePreset, ReduceRange, saturates
+from int8flow.tasks.kinds._ort import extra_options, read_float_inputs, weight_ranges
 from int8flow.tasks.kinds.base import (
     PER_CHANNEL_QDQ_OPSET,
     QUANTIZATION_OPSET,
@@ -41,9 +41,10 @@ class StaticVariant(VariantBase):
     )
     weight_type: Int8Type | None = Field(default=None, description="Weight integer type; default: the target's.")
     per_channel: bool = Field(default=False, description="One scale per output channel of a weight.")
-    reduce_range: bool | None = Field(
+    reduce_range: ReduceRange | None = Field(
         default=None,
-        description="7-bit weights, avoids u8s8 saturation on CPUs without VNNI; default: the target's.",
+        description="7-bit weights, avoids u8s8 saturation on CPUs without VNNI; `where_needed`: only for the "
+        "weights whose pairs can saturate ORT's AVX2 kernels; default: the target's.",
     )
     calibration_method: CalibrationMethodName | None = Field(
         default=None, description="Range method; default: `calibration.method`."
@@ -102,6 +103,17 @@ class StaticVariant(VariantBase):
             raise KindError(f"no {key} calibration ranges were computed for this variant")
         ranges = job.ranges[key]
         options, notes = extra_options(model, self.extra_options)
+        reduce_range, options, range_notes = weight_ranges(
+            model,
+            self.reduce_range,
+            "static",
+            self.per_channel,
+            options,
+            self.nodes_to_exclude,
+            self.activation_type,
+            self.weight_type,
+        )
+        notes += range_notes
         quantize_static(
             model,
             job.out,
@@ -110,7 +122,7 @@ class StaticVariant(VariantBase):
             quant_format=QuantFormat[self.format],
             op_types_to_quantize=self.quantized_op_types(),
             per_channel=self.per_channel,
-            reduce_range=bool(self.reduce_range),
+            reduce_range=reduce_range,
             activation_type=QuantType[self.activation_type or "QUInt8"],
             weight_type=QuantType[self.weight_type or "QInt8"],
             nodes_to_exclude=list(self.nodes_to_exclude),
@@ -118,4 +130,10 @@ class StaticVariant(VariantBase):
             use_external_data_format=uses_external_data(model),
             extra_options=options,
         )
-        return [*notes, f"ranges from the shared {key} calibration ({ranges.samples} samples)"]
+        notes.append(f"ranges from the shared {key} calibration ({ranges.samples} samples)")
+        if self.format == "QDQ" and (rewired := read_float_inputs(job.out, self.nodes_to_exclude, model)):
+            notes.append(
+                f"{rewired} input(s) of the {len(self.nodes_to_exclude)} node(s) kept in float read the float tensor, "
+                "not its Q/DQ copy (else ORT's WeightBiasQuantization re-quantizes those nodes per tensor at load)"
+            )
+        return notes
