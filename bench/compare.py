@@ -1,8 +1,10 @@
 """FP32 vs the pipeline's promoted variant vs plain ONNX Runtime defaults, measured side by side.
 
 All models of one flagship are timed in one process, round-robin on the same inputs with the same
-session options (`tasks.profile.profile_interleaved`), at batch 1 and 32 and 1 and 2 threads;
-p50/p90, size, and the flagship's accuracy metric. The promoted variant is read from the MLflow
+session options, at batch 1 and 32 and 1 and 2 threads, by a loop of its own over plain
+`onnxruntime.InferenceSession`s (not the pipeline's timing code, so it checks the pipeline's claims
+independently); p50/p90, the speed-up (ratio of medians) with a 90 % bootstrap interval over rounds,
+size, and the flagship's accuracy metric. The promoted variant is read from the MLflow
 registry (`models:/<name>@champion`), so run the pipeline first against the same store:
 
     int8flow run pipelines/minilm-int8.yaml
@@ -14,8 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 from onnxruntime.quantization import quantize_dynamic, quantize_static
 
 from int8flow.flows.specfile import load_spec
@@ -24,7 +29,7 @@ from int8flow.tasks.calibrate import DatasetReader
 from int8flow.tasks.data import load_dataset
 from int8flow.tasks.evaluate import evaluate_model, run_model
 from int8flow.tasks.model import inspect_model, model_size_bytes
-from int8flow.tasks.profile import input_feed, profile_interleaved
+from int8flow.tasks.profile import input_feed
 
 
 def main() -> None:
@@ -91,9 +96,7 @@ def main() -> None:
     latency = {}
     for batch_size, threads in configs:
         runs, warmup = (args.runs, args.warmup) if batch_size == 1 else (args.runs_b32, 1)
-        latency[(batch_size, threads)] = profile_interleaved(
-            models, input_feed(evaluation, batch_size), threads, warmup, runs
-        )
+        latency[(batch_size, threads)] = _interleaved(models, input_feed(evaluation, batch_size), threads, warmup, runs)
 
     shape = " x ".join(str(d) for d in next(iter(input_feed(evaluation, 1).values())).shape[1:])
     print(f"### {spec.name} (input per sample: {shape}; {metric.name} on {evaluation.samples} evaluation samples)\n")
@@ -103,8 +106,10 @@ def main() -> None:
     for name, path in models.items():
         cells = [name, f"{model_size_bytes(Path(path)) / 1e6:.1f}", _accuracy(scores[name], metric.name)]
         for config in configs:
-            stats, base = latency[config][name], latency[config]["FP32"]
-            cells.append(f"{stats.p50_ms:.2f} / {stats.p90_ms:.2f} ({base.p50_ms / stats.p50_ms:.2f}x)")
+            ms, base = latency[config][name], latency[config]["FP32"]
+            low, high = _interval(base, ms)
+            p50, p90 = np.percentile(ms, [50, 90])
+            cells.append(f"{p50:.2f} / {p90:.2f} ({np.median(base) / p50:.2f}x [{low:.2f}-{high:.2f}])")
         print("| " + " | ".join(cells) + " |")
     if args.ops:
         _time_by_op({name: Path(path) for name, path in models.items() if "plain" not in name}, evaluation)
@@ -130,6 +135,41 @@ def _time_by_op(models: dict[str, Path], evaluation) -> None:
     for op in ops[:14]:
         print(f"| {op} | " + " | ".join(f"{ms[name].get(op, 0.0):.2f}" for name in models) + " |")
     print("| **all nodes** | " + " | ".join(f"**{coverages[name].node_ms_per_run:.2f}**" for name in models) + " |")
+
+
+def _interleaved(models: dict, feed: dict, threads: int, warmup: int, runs: int) -> dict[str, np.ndarray]:
+    """Milliseconds per run of each model, [rounds] each: one run of every model per round, in a rotating
+    order, same session options (threads, sequential, all graph optimizations) and the same feed."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sessions = {
+        name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for name, path in models.items()
+    }
+    feeds = {name: {i.name: feed[i.name] for i in s.get_inputs()} for name, s in sessions.items()}
+    names = list(models)
+    for _ in range(warmup):
+        for name in names:
+            sessions[name].run(None, feeds[name])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(runs):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            sessions[name].run(None, feeds[name])
+            times[name].append((time.perf_counter() - started) * 1000)
+    return {name: np.array(values) for name, values in times.items()}
+
+
+def _interval(base: np.ndarray, other: np.ndarray, draws: int = 1000) -> tuple[float, float]:
+    """90 % bootstrap interval of median(base) / median(other), resampling whole rounds together."""
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(base), (draws, len(base)))
+    ratios = np.median(base[picks], axis=1) / np.median(other[picks], axis=1)
+    low, high = np.percentile(ratios, [5, 95])
+    return float(low), float(high)
 
 
 def _accuracy(scores: dict[str, float], name: str) -> str:

@@ -25,6 +25,6 @@ done
 $PY bench/overhead.py pipelines/mnist-cnn-int8.yaml --repeats 3 2>/dev/null
 $PY bench/overhead.py pipelines/minilm-int8.yaml --repeats 2 2>/dev/null | tail -1
 echo
-$PY bench/calibration_memory.py --samples 100 2000 --methods minmax percentile --ort 100 400 2>/dev/null
+$PY bench/calibration_memory.py --samples 100 2000 --methods minmax percentile --ort 100 2000 2>/dev/null
 echo
 $PY bench/devset.py 2>/dev/null
