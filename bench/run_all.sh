@@ -14,17 +14,20 @@ flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|f16c
 echo "Machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, flags: ${flags}; onnxruntime $($PY -c 'import onnxruntime; print(onnxruntime.__version__)'); $(date -u +%F)"
 echo
 for spec in pipelines/minilm-int8.yaml pipelines/mnist-cnn-int8.yaml; do
-  (cd "$store" && /usr/bin/time -f "%e %M" -o "$store/time" "$OLDPWD/.venv/bin/int8flow" run "$OLDPWD/$spec" >/dev/null 2>&1)
-  read -r wall peak < "$store/time"
-  echo "\`int8flow run $spec\`: wall ${wall} s, peak RSS $((peak / 1024)) MB (the int8flow process; embedded store, ephemeral Prefect)"
+  watched=$( (cd "$store" && "$OLDPWD/$PY" "$OLDPWD/bench/watch_rss.py" "$store/watch-$(basename "$spec" .yaml)" -- "$OLDPWD/.venv/bin/int8flow" run "$OLDPWD/$spec") )
+  echo "\`int8flow run $spec\` (fresh embedded store, ephemeral Prefect): $watched"
   echo
   ops=""; [ "$spec" = pipelines/minilm-int8.yaml ] && ops="--ops"
   $PY bench/compare.py "$spec" --runs 40 --runs-b32 6 $ops 2>/dev/null
   echo
 done
 $PY bench/overhead.py pipelines/mnist-cnn-int8.yaml --repeats 3 2>/dev/null
+$PY bench/overhead.py pipelines/mnist-cnn-int8.yaml --repeats 3 --local-server 2>/dev/null | tail -1
 $PY bench/overhead.py pipelines/minilm-int8.yaml --repeats 2 2>/dev/null | tail -1
+$PY bench/overhead.py pipelines/minilm-int8.yaml --repeats 2 --local-server 2>/dev/null | tail -1
 echo
 $PY bench/calibration_memory.py --samples 100 2000 --methods minmax percentile --ort 100 2000 2>/dev/null
+echo
+$PY bench/calibration_memory.py --model minilm --samples 128 --methods minmax percentile --ort 128 2>/dev/null
 echo
 $PY bench/devset.py 2>/dev/null

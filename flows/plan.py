@@ -7,6 +7,7 @@ saturates). Pure: no Prefect, no MLflow, no files.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from int8flow.flows.spec import PipelineSpec
@@ -25,6 +26,8 @@ class Plan:
     variants: tuple[VariantBase, ...]
     graphs: frozenset[Graph]  # FP32 graphs some variant starts from
     calibrations: tuple[CalibrationKey, ...]  # shared calibrations, one per method and graph
+    # per calibration, the op types whose tensors its variants read: only those are calibrated
+    calibrated_op_types: Mapping[CalibrationKey, tuple[str, ...]]
     opset: int  # lowest opset every variant can be written in
     notes: tuple[str, ...]  # what the run tells the user about the target
     warnings: tuple[str, ...]  # what it warns about, loudly, and records on the run
@@ -41,6 +44,10 @@ def make_plan(spec: PipelineSpec, hardware: HardwareInfo) -> Plan:
     preset = spec.target.preset_in_force(detected)
     variants = tuple(spec.resolved_variants(detected))
     calibrations = sorted({key for variant in variants if (key := variant.calibration_key()) is not None})
+    calibrated_op_types = {
+        key: tuple(sorted(set().union(*(v.calibrated_op_types() for v in variants if v.calibration_key() == key))))
+        for key in calibrations
+    }
     notes, warnings = [], []
     reduced = [variant.label for variant in variants if getattr(variant, "reduce_range", None) is True]
     where_needed = [variant.label for variant in variants if getattr(variant, "reduce_range", None) == WHERE_NEEDED]
@@ -68,6 +75,7 @@ def make_plan(spec: PipelineSpec, hardware: HardwareInfo) -> Plan:
         variants=variants,
         graphs=frozenset(variant.graph for variant in variants),
         calibrations=tuple(calibrations),
+        calibrated_op_types=calibrated_op_types,
         opset=required_opset(variants),
         notes=tuple(notes),
         warnings=tuple(warnings),

@@ -150,3 +150,130 @@ class _PopenWith:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(subprocess, name)
+
+
+# A local Prefect server that outlives runs (`int8flow server start`).
+#
+# The ephemeral server costs every `int8flow run` 8-11 s before its first task (docs/benchmarks.md,
+# "Pipeline overhead"), and its run history is only visible while it runs. A server started once and
+# kept, like `prefect server start` in Prefect's own local set-up, takes that cost off every later run,
+# and its UI shows every run since. `int8flow run` uses it when it answers; otherwise it starts the
+# ephemeral one as before. The state file records the server's address and process group; it lives in
+# Prefect's home, beside the database the server writes. PREFECT_HOME is read from the environment, not
+# from Prefect's settings: Prefect fixes its settings at import, and this runs before that.
+SERVER_STATE = "int8flow-server.json"
+SERVER_START_SECONDS = 300.0  # a first start migrates Prefect's database: slow on a busy 2-core machine
+
+
+def prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+
+
+def _read_state() -> dict[str, Any] | None:
+    import json
+
+    path = prefect_home() / SERVER_STATE
+    try:
+        state = json.loads(path.read_text())
+        return state if isinstance(state, dict) and {"url", "pid"} <= state.keys() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _answers(url: str, timeout: float) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def local_server() -> str | None:
+    """The API URL of the local server `int8flow server start` left running, if it answers; a state
+    file whose server is gone is removed."""
+    state = _read_state()
+    if state is None:
+        return None
+    if _alive(int(state["pid"])) and _answers(str(state["url"]), timeout=5):
+        return str(state["url"])
+    if not _alive(int(state["pid"])):
+        (prefect_home() / SERVER_STATE).unlink(missing_ok=True)
+    return None
+
+
+def use_local_server() -> str | None:
+    """Point this process at the local server if one answers and no server was chosen already
+    (PREFECT_API_URL wins). Call before Prefect is imported."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    url = local_server()
+    if url is not None:
+        os.environ["PREFECT_API_URL"] = url
+    return url
+
+
+def start_local_server(port: int, timeout: float = SERVER_START_SECONDS) -> str:
+    """Start Prefect's server on 127.0.0.1:`port` in a session of its own (it outlives this process),
+    wait until it answers, and record it. Returns its API URL; an answering one is reused."""
+    import json
+    import time
+
+    existing = local_server()
+    if existing is not None:
+        return existing
+    home = prefect_home()
+    home.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    prefect = Path(sys.executable).parent / "prefect"
+    command = [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with open(home / "int8flow-server.log", "ab") as log:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    (home / SERVER_STATE).write_text(json.dumps({"url": url, "pid": process.pid, "port": port}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            (home / SERVER_STATE).unlink(missing_ok=True)
+            raise RuntimeError(
+                f"Prefect's server exited with code {process.returncode}; see {home / 'int8flow-server.log'}"
+            )
+        if _answers(url, timeout=5):
+            return url
+        time.sleep(0.5)
+    stop_local_server()
+    raise RuntimeError(f"Prefect's server did not answer on {url} within {timeout:.0f} s")
+
+
+def stop_local_server(grace: float = 60.0) -> bool:
+    """Stop the recorded server and everything it started (SIGTERM, SIGKILL after `grace`). False if
+    none was recorded."""
+    import time
+
+    state = _read_state()
+    if state is None:
+        return False
+    pid = int(state["pid"])
+    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signum)
+        deadline = time.monotonic() + wait
+        while _alive(pid) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child (tests)
+            time.sleep(0.2)
+        if not _alive(pid):
+            break
+    (prefect_home() / SERVER_STATE).unlink(missing_ok=True)
+    return True

@@ -20,6 +20,7 @@ import onnxruntime
 from int8flow import __version__
 from int8flow.flows import faults
 from int8flow.flows.console import say, waiting, warn
+from int8flow.flows.isolated import in_child_process
 from int8flow.flows.plan import Plan
 from int8flow.flows.records import VariantRecord, attempt, describe
 from int8flow.flows.runner import Outcome, Runner
@@ -85,7 +86,8 @@ def tokenizer(spec: PipelineSpec) -> Tokenizer | None:
 def _export(source: Any, batches: Any, out: Path) -> Any:
     from int8flow.tasks.export import export_model  # imports torch: only for pytorch / huggingface sources
 
-    return export_model(source, batches, out)
+    # in a child process: torch's and the exporter's memory end with it (flows/isolated.py)
+    return in_child_process(export_model, source, batches, out)
 
 
 def source_model(job: Job) -> ModelInfo:
@@ -148,8 +150,15 @@ def fp32_graphs(job: Job, source: ModelInfo, records: Mapping[str, VariantRecord
     repaired = runner.call(
         "repair", repair_model, source.path, work / "repaired" / "model.onnx", job.plan.opset, fixed, label="given"
     )
+    # pre-processing and fusion in child processes: ORT's optimiser sessions and shape inference hold
+    # several copies of the model that the pipeline process would keep (flows/isolated.py)
     pre = runner.call(
-        "pre-process", preprocess, repaired.path, job.spec.preprocess, work / "preprocessed" / "model.onnx"
+        "pre-process",
+        in_child_process,
+        preprocess,
+        repaired.path,
+        job.spec.preprocess,
+        work / "preprocessed" / "model.onnx",
     )
     # Pre-processing writes graph patterns of its own (MatMul + Add -> Gemm with a [1, N] bias).
     pre_repaired = runner.call(
@@ -178,7 +187,7 @@ def _fuse(job: Job, model: Path, records: Mapping[str, VariantRecord]) -> Path |
     assert fusion is not None  # the spec requires it for fused variants
     try:
         fused = job.runner.call(
-            "transformer-fusion", fuse_transformer, model, fusion, job.work / "fused" / "model.onnx"
+            "transformer-fusion", in_child_process, fuse_transformer, model, fusion, job.work / "fused" / "model.onnx"
         )
     except Exception as error:  # noqa: BLE001 - only the fused variants fail
         for record in records.values():
@@ -254,6 +263,7 @@ def calibrations(
             key.method,
             spec.calibration,
             job.work / "calibration" / f"{key}.json",
+            job.plan.calibrated_op_types.get(key) or None,
             label=str(key),
         )
         for key in wanted

@@ -127,6 +127,8 @@ def embedded_tracking_uri(root: Path | None = None) -> str:
 def configure_environment() -> str:
     """Defaults for an offline machine; anything already set in the environment wins."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow draws a progress bar on the console when promotion downloads the champion to compare with
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's ephemeral server gets 20 s to start by default; on 2 busy cores it sometimes needs more.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")

@@ -50,8 +50,10 @@ _NUMPY_FEATURES = {
     "avx512_vnni": "AVX512VNNI",
     "avx512_bf16": "AVX512BF16",
 }
-# flags numpy cannot check, and the numpy-checked flag each of them implies
-_IMPLIES = {"avx_vnni": "avx2", "amx_tile": "avx512f", "amx_int8": "avx512f"}
+# Flags numpy cannot check, and the features numpy's run-time check must see for them to be real: under
+# an emulated CPU (`qemu-x86_64 -cpu Haswell`, tests/test_cpu_kinds.py) /proc/cpuinfo still lists the
+# host's flags. Every CPU with AVX-VNNI (Intel Alder Lake and Sapphire Rapids on, AMD Zen 5) has GFNI too.
+_IMPLIES = {"avx_vnni": ("AVX2", "GFNI"), "amx_tile": ("AVX512F",), "amx_int8": ("AVX512F",)}
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ def detect(cpuinfo: Path = Path("/proc/cpuinfo"), cpu_features: dict[str, bool] 
         for name, feature in _NUMPY_FEATURES.items():
             flags[name] = bool(features.get(feature, False))
         for name, requires in _IMPLIES.items():
-            flags[name] = flags[name] and flags[requires]
+            flags[name] = flags[name] and all(features.get(feature, False) for feature in requires)
     return HardwareInfo(
         cpu_model=model_name or platform.processor() or platform.machine(),
         machine=platform.machine(),

@@ -85,6 +85,27 @@ def end_group(process, grace_seconds: float = 60.0) -> str:
     return output or ""
 
 
+def run_int8flow(*args: str, env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`int8flow ARGS` in a process group of its own, ended (SIGKILL) if it outlives `timeout`."""
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "int8flow"), *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    return subprocess.CompletedProcess(process.args, process.returncode, output)
+
+
 def _stop_own_prefect_server() -> None:
     """This process's ephemeral Prefect server, stopped the way Prefect would at exit: logs first."""
     with contextlib.suppress(Exception):

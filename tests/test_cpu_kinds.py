@@ -43,6 +43,17 @@ AVX2_ONLY = HardwareInfo(
 )
 
 
+def test_flags_only_cpuinfo_lists_count_only_when_the_cpu_itself_has_what_they_imply(tmp_path):
+    # an AVX-VNNI host running `qemu-x86_64 -cpu Haswell`: /proc/cpuinfo is the host's, CPUID the emulated one's
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Intel(R) Xeon(R)\nflags\t\t: fpu sse avx avx2 fma f16c avx_vnni amx_int8\n")
+    emulated_haswell = {"AVX": True, "AVX2": True, "FMA3": True, "F16C": True}
+    assert preset_for(detect(cpuinfo, emulated_haswell)) == "avx2"
+    alder_lake = emulated_haswell | {"GFNI": True}
+    assert detect(cpuinfo, alder_lake).flags["avx_vnni"] and preset_for(detect(cpuinfo, alder_lake)) == "avx512_vnni"
+    assert not detect(cpuinfo, alder_lake).flags["amx_int8"]  # AMX needs AVX-512, which CPUID does not show
+
+
 def test_the_cpu_is_the_one_the_lane_asked_for():
     expected = os.environ.get("INT8FLOW_EXPECT_PRESET")
     if expected is None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import marked_processes
+from conftest import marked_processes, run_int8flow
 from mlflow.tracking import MlflowClient
 from test_pipeline_e2e import runs_of, spec_file
 
@@ -35,23 +35,7 @@ def _spec(tmp_path: Path, digits_model) -> Path:
 
 
 def _run(spec: Path, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    process = subprocess.Popen(
-        [str(BIN / "int8flow"), "run", str(spec)],
-        env=env,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=RUN_SECONDS)
-    finally:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=60)
-    return subprocess.CompletedProcess(process.args, process.returncode, output)
+    return run_int8flow("run", str(spec), env=env, cwd=cwd, timeout=RUN_SECONDS)
 
 
 def _environment(tmp_path: Path, prefect_home: Path | None = None) -> dict[str, str]:

@@ -119,6 +119,30 @@ def test_shared_ranges_give_the_same_model_as_ort_calibrating_itself(prepared, m
             assert np.allclose(mine[name], theirs[name], rtol=0.15), name
 
 
+def test_calibrating_only_the_op_types_a_variant_quantizes_gives_the_same_model(prepared):
+    _info, pre, _evaluation, calibration, _reference, work = prepared
+    from int8flow.tasks.calibrate import ALL_QUANTIZABLE_OPS
+
+    present = sorted({node.op_type for node in onnx.load(str(pre.path)).graph.node} & set(ALL_QUANTIZABLE_OPS))
+    assert len(present) >= 2, present  # otherwise "only one op type" would calibrate everything anyway
+    op = present[0]
+    options = Calibration(data=DataSource(path=pre.path))
+    every = calibrate(pre.path, calibration, "minmax", options, work / "every.json")
+    only = calibrate(pre.path, calibration, "minmax", options, work / "only.json", [op])
+    assert 0 < only.tensors < every.tensors
+
+    def scales(ranges) -> dict:
+        variant = StaticVariant(kind="static", name=f"only-{op}", op_types=[op], calibration_method="minmax")
+        made = quantize(pre.path, variant, job(work / ranges.path.stem / "model.onnx", {"minmax": ranges}))
+        return {
+            t.name: onnx.numpy_helper.to_array(t).tobytes()
+            for t in onnx.load(str(made.path)).graph.initializer
+            if "scale" in t.name or "zero_point" in t.name
+        }
+
+    assert scales(only) == scales(every) and scales(only)
+
+
 def test_static_without_ranges_for_its_method_fails_clearly(prepared):
     _info, pre, *_, work = prepared
     variant = StaticVariant(kind="static", name="s", calibration_method="entropy")

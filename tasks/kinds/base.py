@@ -119,6 +119,10 @@ class VariantBase(StrictModel):
         """The shared calibration this variant reads ranges from, if any."""
         return None
 
+    def calibrated_op_types(self) -> frozenset[str]:
+        """Op types whose input and output tensors this variant reads ranges of (from its calibration)."""
+        return frozenset()
+
     def min_opset(self) -> int:
         """The lowest default-domain opset this variant can be written in (0: any)."""
         return 0

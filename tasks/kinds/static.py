@@ -86,6 +86,9 @@ class StaticVariant(VariantBase):
     def fallback_op_types(self) -> frozenset[str]:
         return frozenset(self.quantized_op_types())
 
+    def calibrated_op_types(self) -> frozenset[str]:
+        return frozenset(self.quantized_op_types())
+
     def with_preset(self, preset: HardwarePreset) -> StaticVariant:
         defaults = {
             "activation_type": preset.activation_type,
