@@ -17,10 +17,8 @@ every later stage would be measured on top of that. In a child process the memor
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +31,6 @@ from int8flow.flows.runlog import LOG_ENV
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_PR_SET_PDEATHSIG = 1
 _CALL, _RESULT = "call.pickle", "result.pickle"
 
 
@@ -62,13 +59,6 @@ def in_child_process(function: Callable[P, R], *args: P.args, **kwargs: P.kwargs
     raise value
 
 
-def _dies_with(parent_pid: int) -> None:
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-
-
 def _child(folder: Path) -> None:
     import logging
     import traceback
@@ -94,5 +84,8 @@ def _child(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    _dies_with(int(sys.argv[2]))
+    if sys.platform.startswith("linux"):
+        from int8flow.flows.prefect_local import die_with_parent
+
+        die_with_parent(int(sys.argv[2]))
     _child(Path(sys.argv[1]))

@@ -42,15 +42,17 @@ def exit_cleanly_on_signals() -> None:
         signal.signal(signum, handler)
 
 
+def die_with_parent(parent_pid: int, libc: Any = None) -> None:
+    """In a child process: get SIGTERM when the parent (the thread that started it) dies, however it
+    dies; exit now if it already has. Linux only (`prctl`)."""
+    (libc or ctypes.CDLL(None, use_errno=True)).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
 def _dies_with(parent_pid: int) -> Callable[[], None]:
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def preexec() -> None:  # in the child, between fork and exec
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(0)
-
-    return preexec
+    """`die_with_parent` as a Popen `preexec_fn` (between fork and exec: libc is loaded beforehand)."""
+    return partial(die_with_parent, parent_pid, ctypes.CDLL(None, use_errno=True))
 
 
 @contextlib.contextmanager
@@ -203,9 +205,10 @@ def local_server() -> str | None:
     state = _read_state()
     if state is None:
         return None
-    if _alive(int(state["pid"])) and _answers(str(state["url"]), timeout=5):
+    alive = _alive(int(state["pid"]))
+    if alive and _answers(str(state["url"]), timeout=5):
         return str(state["url"])
-    if not _alive(int(state["pid"])):
+    if not alive:
         (prefect_home() / SERVER_STATE).unlink(missing_ok=True)
     return None
 

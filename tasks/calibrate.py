@@ -117,8 +117,10 @@ def _lean_session(calibrator: CalibraterBase) -> None:
     The augmented model reads every calibrated tensor twice more (ReduceMin, ReduceMax); in ORT's default
     node order those reductions run late, so every activation of the network stays alive until the end of
     the run. Priority-based order runs them right after the producer: MiniLM's 209 tensors at batch 16
-    peak at 0.4 GB instead of 2.6 GB, in half the time (measured, docs/benchmarks.md, *Run cost*). Graph optimisation
-    stays off, as ORT has it: the calibrated tensors must keep their names.
+    peak at 0.4 GB instead of 2.6 GB, in half the time (measured, docs/benchmarks.md, *Run cost*).
+    Graph optimisation stays off, as ORT has it: the calibrated tensors must keep their names.
+    (`create_calibrator` has made ORT's session already and takes no session options, so the augmented
+    model is loaded twice.)
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
