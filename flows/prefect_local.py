@@ -233,6 +233,9 @@ def start_local_server(port: int, timeout: float = SERVER_START_SECONDS) -> str:
     existing = local_server()
     if existing is not None:
         return existing
+    if not _port_free(port):
+        # Another server there would answer our health check while ours fails to bind and exits.
+        raise RuntimeError(f"127.0.0.1:{port} is already in use; choose another port with --port")
     home = prefect_home()
     home.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}/api"
@@ -257,6 +260,17 @@ def start_local_server(port: int, timeout: float = SERVER_START_SECONDS) -> str:
         time.sleep(0.5)
     stop_local_server()
     raise RuntimeError(f"Prefect's server did not answer on {url} within {timeout:.0f} s")
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def stop_local_server(grace: float = 60.0) -> bool:

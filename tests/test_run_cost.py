@@ -99,3 +99,18 @@ def test_runs_use_the_local_prefect_server_and_stop_leaves_nothing_behind(tmp_pa
     assert not (home / "int8flow-server.json").exists()
     status = _int8flow(env, tmp_path, "server", "status")
     assert status.returncode == 1 and "no local Prefect server" in status.stdout
+
+
+def test_server_start_on_a_port_in_use_says_so_and_records_nothing(tmp_path):
+    """Another server on the port would answer the health check while Prefect's fails to bind: the
+    start must not report success and leave a dead server recorded."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = _int8flow(env, tmp_path, "server", "start", "--port", str(port))
+    assert started.returncode == 1, started.stdout
+    assert f"127.0.0.1:{port} is already in use" in started.stdout
+    assert not (home / "int8flow-server.json").exists()
