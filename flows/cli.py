@@ -124,10 +124,7 @@ def run(
     spec = _validated(spec_file)  # bad input stops here, before any run is created
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
-    from int8flow.flows.prefect_local import use_local_server
-
-    if (server := use_local_server()) is not None:
-        out.print(f"Prefect: the local server at {server.removesuffix('/api')} (`int8flow server stop` ends it)")
+    _use_kept_server()
     from int8flow.flows.tracking import configure_environment
 
     configure_environment()
@@ -230,8 +227,10 @@ def deploy(
     cron: str | None = typer.Option(None, "--cron", help="Cron schedule, e.g. '0 3 * * *'."),
     interval: float | None = typer.Option(None, "--interval", help="Or: run every this many seconds."),
 ) -> None:
-    """Register a Prefect deployment of the spec on a server's work pool (needs PREFECT_API_URL)."""
+    """Register a Prefect deployment of the spec on a server's work pool (PREFECT_API_URL's, or the local
+    server `int8flow server start` keeps)."""
     spec = _validated(spec_file)
+    kept = _use_kept_server()
     _needs_server("deploy")
     from int8flow.flows.deploy import deploy as deploy_spec
 
@@ -240,7 +239,7 @@ def deploy(
         f"deployment int8flow/{name or spec.name} ({deployment_id}) on pool {pool!r}; "
         f"schedule: {cron or (f'every {interval:g} s' if interval else 'none (run on demand)')}"
     )
-    out.print(f"start a worker: prefect worker start --pool {pool}")
+    out.print(f"start a worker: {f'PREFECT_API_URL={kept} ' if kept else ''}prefect worker start --pool {pool}")
 
 
 @app.command()
@@ -252,6 +251,7 @@ def serve(
 ) -> None:
     """Run the spec on a schedule from this one process (Prefect `flow.serve`) until stopped."""
     spec = _validated(spec_file)
+    _use_kept_server()
     from int8flow.flows.deploy import serve as serve_spec
     from int8flow.flows.tracking import configure_environment
 
@@ -291,6 +291,7 @@ def watch(
             err.print(f"[red]error[/] --registry-tag: {error}")
             raise typer.Exit(EXIT_BAD_INPUT) from None
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    _use_kept_server()
     from int8flow.flows.tracking import configure_environment
 
     configure_environment()
@@ -313,6 +314,16 @@ def watch(
     )
     if any(started["status"] == "failed" for started in report["triggered"]):
         raise typer.Exit(1)  # so a scheduler notices; the claims record the errors
+
+
+def _use_kept_server() -> str | None:
+    """The local server `int8flow server start` keeps, if it answers and PREFECT_API_URL names no other:
+    every command that talks to Prefect uses it then (before Prefect is imported)."""
+    from int8flow.flows.prefect_local import use_local_server
+
+    if (server := use_local_server()) is not None:
+        out.print(f"Prefect: the local server at {server.removesuffix('/api')} (`int8flow server stop` ends it)")
+    return server
 
 
 def _needs_server(command: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,11 @@ def run_log(name: str) -> Iterator[Path]:
     root.addHandler(handler)
     root.setLevel(min(root.level or logging.WARNING, logging.INFO))
     quiet = os.environ.get(VERBOSE_ENV) != "1"
+    # MLflow adds a console handler of its own when it is first imported, later than this: told not to,
+    # its records (a new store's "Creating initial MLflow database tables") reach this file through root
+    unconfigured = quiet and "mlflow" not in sys.modules and "MLFLOW_CONFIGURE_LOGGING" not in os.environ
+    if unconfigured:
+        os.environ["MLFLOW_CONFIGURE_LOGGING"] = "false"
     for console_handler, _ in saved[1]:
         console_handler.setLevel(logging.CRITICAL + 1 if quiet else logging.WARNING)
     logging.captureWarnings(True)
@@ -59,6 +65,8 @@ def run_log(name: str) -> Iterator[Path]:
         yield path
     finally:
         os.environ.pop(LOG_ENV, None)
+        if unconfigured:
+            os.environ.pop("MLFLOW_CONFIGURE_LOGGING", None)
         logging.captureWarnings(False)
         root.removeHandler(handler)
         handler.close()

@@ -26,7 +26,7 @@ from int8flow.flows.records import VariantRecord, attempt, describe
 from int8flow.flows.runner import Outcome, Runner
 from int8flow.flows.spec import PipelineSpec
 from int8flow.flows.tracking import PipelineRun, Tag
-from int8flow.tasks.calibrate import CalibrationKey, CalibrationRanges, calibrate
+from int8flow.tasks.calibrate import CalibrationKey, CalibrationRanges, calibrate_in_one_pass, calibration_passes
 from int8flow.tasks.clipping import clipping
 from int8flow.tasks.coverage import op_coverage, slow_int8_warnings
 from int8flow.tasks.data import Dataset, Tokenizer, load_dataset
@@ -254,36 +254,49 @@ def calibrations(
         input_shapes=source.input_shapes,
         label="calibration",
     )
+    passes = calibration_passes(wanted)
     futures = {
-        key: job.runner.submit(
+        keys: job.runner.submit(
             "calibrate",
-            calibrate,
-            graphs[key.graph],
+            calibrate_in_one_pass,
+            graphs[keys[0].graph],
             data,
-            key.method,
+            [key.method for key in keys],
             spec.calibration,
-            job.work / "calibration" / f"{key}.json",
-            job.plan.calibrated_op_types.get(key) or None,
-            label=str(key),
+            {key.method: job.work / "calibration" / f"{key}.json" for key in keys},
+            _op_types(job, keys),
+            label=" + ".join(str(key) for key in keys),
         )
-        for key in wanted
+        for keys in passes
     }
     ranges = {}
-    with waiting("calibrate", f"{len(futures)} calibration(s) on {data.samples} samples"):
-        for key, future in futures.items():
+    with waiting("calibrate", f"{len(wanted)} calibration(s) in {len(passes)} pass(es) on {data.samples} samples"):
+        for keys, future in futures.items():
             try:
-                ranges[key] = future.result()
-            except Exception as error:  # noqa: BLE001 - only the variants of this calibration fail
-                for record in records.values():
-                    if record.ok and record.variant.calibration_key() == key:
-                        record.fail("calibrate", error)
-                continue
-            say(
-                "calibrate",
-                f"{key}: {ranges[key].tensors} tensors from {data.samples} samples in {ranges[key].seconds:.1f} s",
-            )
+                outcomes: dict[str, Any] = future.result()
+            except Exception as error:  # noqa: BLE001 - only the variants of these calibrations fail
+                outcomes = {key.method: error for key in keys}
+            for key in keys:
+                outcome = outcomes[key.method]
+                if isinstance(outcome, Exception):
+                    for record in records.values():
+                        if record.ok and record.variant.calibration_key() == key:
+                            record.fail("calibrate", outcome)
+                    continue
+                ranges[key] = outcome
+                together = f" (one pass with {', '.join(k.method for k in keys if k != key)})" if len(keys) > 1 else ""
+                say(
+                    "calibrate",
+                    f"{key}: {outcome.tensors} tensors from {data.samples} samples in {outcome.seconds:.1f} s{together}",
+                )
     job.run.calibration(data.fingerprint, {str(key): value.seconds for key, value in ranges.items()})
     return ranges, data
+
+
+def _op_types(job: Job, keys: tuple[CalibrationKey, ...]) -> list[str] | None:
+    """The op types one pass calibrates: what its calibrations' variants quantize (None: every type)."""
+    wanted = [job.plan.calibrated_op_types.get(key) or () for key in keys]
+    return sorted(set().union(*wanted)) if all(wanted) else None
 
 
 def calibration_coverage(

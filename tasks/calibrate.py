@@ -1,17 +1,18 @@
 """Activation ranges, computed once per calibration method and reused by every static variant.
 
 ORT's `quantize_static` would calibrate again for each variant; instead the ranges are written with
-`save_tensors_data` and each variant passes the file as `calibration_cache_path`.
+`save_tensors_data` and each variant passes the file as `calibration_cache_path`. The histogram methods
+of one graph share one pass of the model over the data (`calibration_passes`, `calibrate_in_one_pass`).
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
@@ -73,6 +74,41 @@ class CalibrationKey:
         return self.method if self.graph is Graph.PREPROCESSED else f"{self.method}@{self.graph}"
 
 
+# ORT's histogram calibrators augment a graph the same way (every calibrated tensor becomes an output)
+# and differ only in what they make of the outputs; minmax's graph computes reductions instead.
+HISTOGRAM_METHODS = frozenset({"entropy", "percentile", "distribution"})
+
+
+def calibration_passes(keys: Iterable[CalibrationKey]) -> list[tuple[CalibrationKey, ...]]:
+    """The calibrations grouped into passes over the data: the histogram methods of one graph together,
+    every other calibration alone."""
+    passes: dict[tuple[Graph, str], list[CalibrationKey]] = {}
+    for key in sorted(keys):
+        shared = key.method in HISTOGRAM_METHODS
+        passes.setdefault((key.graph, "histogram" if shared else key.method), []).append(key)
+    return [tuple(keys) for keys in passes.values()]
+
+
+class _OneRunPerFeed:
+    """The augmented model's session, shared by several calibrators: the first to ask for a feed's
+    outputs runs the model, the others get the same arrays (ORT's collectors only read them)."""
+
+    def __init__(self, session: ort.InferenceSession):
+        self._session = session
+        self._last: tuple[dict, Any] | None = None
+
+    def get_inputs(self) -> Any:
+        return self._session.get_inputs()
+
+    def get_outputs(self) -> Any:
+        return self._session.get_outputs()
+
+    def run(self, output_names: Any, feed: dict) -> Any:
+        if self._last is None or self._last[0] is not feed:
+            self._last = (feed, self._session.run(output_names, feed))
+        return self._last[1]
+
+
 class _Feeds(CalibrationDataReader):
     def __init__(self, feeds: list[dict]):
         self._feeds = iter(feeds)
@@ -110,9 +146,9 @@ class DatasetReader(CalibrationDataReader):
         return next(self._feeds, None)
 
 
-def _lean_session(calibrator: CalibraterBase) -> None:
-    """Replace ORT's session for the augmented model by one that runs each range reduction as soon as
-    its tensor exists.
+def _lean_session(augmented_model: str) -> ort.InferenceSession:
+    """A session for ORT's augmented calibration model that runs each range reduction as soon as its
+    tensor exists, to replace the calibrator's own.
 
     The augmented model reads every calibrated tensor twice more (ReduceMin, ReduceMax); in ORT's default
     node order those reductions run late, so every activation of the network stays alive until the end of
@@ -126,9 +162,7 @@ def _lean_session(calibrator: CalibraterBase) -> None:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     options.log_severity_level = 3
-    calibrator.infer_session = ort.InferenceSession(
-        calibrator.augmented_model_path, sess_options=options, providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(augmented_model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def _take(reader: CalibrationDataReader, count: int) -> list[dict]:
@@ -149,36 +183,82 @@ def calibrate(
     """Compute activation ranges of `model` on `dataset` with `method` and save them to `out`: of the
     inputs and outputs of nodes of `op_types` (the ones the variants quantize, as ORT's `quantize_static`
     calibrates them), or of every op type any variant could quantize."""
+    outcome = calibrate_in_one_pass(model, dataset, [method], options, {method: out}, op_types)[method]
+    if isinstance(outcome, CalibrationError):
+        raise outcome
+    return outcome
+
+
+def calibrate_in_one_pass(
+    model: Path,
+    dataset: Dataset,
+    methods: Sequence[str],
+    options: Calibration,
+    outs: Mapping[str, Path],
+    op_types: Sequence[str] | None = None,
+) -> dict[str, CalibrationRanges | CalibrationError]:
+    """`calibrate` for several methods whose calibrators see the same outputs (the histogram methods,
+    `calibration_passes`), running the model once per feed for all of them. The ranges are the ones
+    each method computes alone (tests/test_stages.py). A method that fails gets its error; the others go
+    on. Each result's `seconds` is the whole pass's."""
+    assert len(methods) == 1 or set(methods) <= HISTOGRAM_METHODS, f"{methods} do not share a pass"
     started = time.perf_counter()
-    extra_options: dict[str, float | bool] = {"symmetric": options.symmetric}
-    if method == "percentile":
-        extra_options["percentile"] = options.percentile
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix="int8flow-calib-") as scratch:
-            calibrator = create_calibrator(
-                private_link(model, Path(scratch) / "model"),
-                list(op_types or ALL_QUANTIZABLE_OPS),
-                augmented_model_path=str(Path(scratch) / "augmented.onnx"),
-                calibrate_method=ORT_METHODS[method],
-                use_external_data_format=True,
-                providers=["CPUExecutionProvider"],
-                extra_options=extra_options,
-            )
-            _lean_session(calibrator)
-            feeds, per_call = DatasetReader(dataset), FEEDS_PER_COLLECT[method]
+    results: dict[str, CalibrationRanges | CalibrationError] = {}
+    calibrators: dict[str, CalibraterBase] = {}
+    computed: dict[str, Any] = {}  # method -> ORT's TensorsData
+    with tempfile.TemporaryDirectory(prefix="int8flow-calib-") as scratch:
+        private = private_link(model, Path(scratch) / "model")
+        for method in methods:
+            extra_options: dict[str, float | bool] = {"symmetric": options.symmetric}
+            if method == "percentile":
+                extra_options["percentile"] = options.percentile
+            try:
+                calibrators[method] = create_calibrator(
+                    private,
+                    list(op_types or ALL_QUANTIZABLE_OPS),
+                    augmented_model_path=str(Path(scratch) / f"augmented-{method}.onnx"),
+                    calibrate_method=ORT_METHODS[method],
+                    use_external_data_format=True,
+                    providers=["CPUExecutionProvider"],
+                    extra_options=extra_options,
+                )
+            except Exception as error:  # noqa: BLE001 - this method fails; the others go on
+                results[method] = _failed(method, error)
+        if calibrators:
+            first = next(iter(calibrators.values()))
+            shared = _OneRunPerFeed(_lean_session(first.augmented_model_path))
+            outputs = [output.name for output in shared.get_outputs()]
+            for calibrator in calibrators.values():
+                # the histogram methods augment the graph alike; if ORT ever differs, each runs alone
+                same = [output.name for output in calibrator.infer_session.get_outputs()] == outputs
+                calibrator.infer_session = shared if same else _lean_session(calibrator.augmented_model_path)
+            feeds = DatasetReader(dataset)
+            per_call = min(FEEDS_PER_COLLECT[method] for method in calibrators)
             with quiet_prints():  # ORT's histogram calibrators print progress to stdout
                 while chunk := _take(feeds, per_call):
-                    calibrator.collect_data(_Feeds(chunk))
-                ranges = calibrator.compute_data()
-            del calibrator
-    except Exception as error:
-        raise CalibrationError(f"{method} calibration failed: {type(error).__name__}: {error}") from error
-    save_tensors_data(ranges, out)
-    return CalibrationRanges(
-        method=method,
-        path=out,
-        samples=dataset.samples,
-        tensors=len(ranges.data),
-        seconds=time.perf_counter() - started,
-    )
+                    for method, calibrator in list(calibrators.items()):
+                        try:
+                            calibrator.collect_data(_Feeds(chunk))
+                        except Exception as error:  # noqa: BLE001 - this method fails; the others go on
+                            results[method] = _failed(method, error)
+                            del calibrators[method]
+                for method, calibrator in calibrators.items():
+                    try:
+                        computed[method] = calibrator.compute_data()
+                    except Exception as error:  # noqa: BLE001 - this method fails; the others go on
+                        results[method] = _failed(method, error)
+            calibrators.clear()
+    seconds = time.perf_counter() - started
+    for method, ranges in computed.items():
+        outs[method].parent.mkdir(parents=True, exist_ok=True)
+        save_tensors_data(ranges, outs[method])
+        results[method] = CalibrationRanges(
+            method=method, path=outs[method], samples=dataset.samples, tensors=len(ranges.data), seconds=seconds
+        )
+    return {method: results[method] for method in methods}
+
+
+def _failed(method: str, error: Exception) -> CalibrationError:
+    failure = CalibrationError(f"{method} calibration failed: {type(error).__name__}: {error}")
+    failure.__cause__ = error
+    return failure

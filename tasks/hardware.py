@@ -216,7 +216,24 @@ _PAIRED_AXIS: dict[str, dict[str, tuple[int, int | None]]] = {
 }
 # weights of other integer ops (LSTM, Attention, ConvTranspose, ...): pairing unknown, so 7-bit as before
 _UNKNOWN_WEIGHTS: dict[str, tuple[int, ...]] = {"LSTM": (1, 2), "GRU": (1, 2), "Attention": (1,), "ConvTranspose": (1,)}
-_OUTPUT_AXIS = {"MatMul": -1, "Conv": 0, "Gemm": 1}
+# ORT's default per-channel axis of a weight (its QDQ operators' `default_axis`)
+CHANNEL_AXIS = {"Conv": 0, "MatMul": 1, "Gemm": 1, "ConvTranspose": 1}
+
+
+def channel_axis(node: onnx.NodeProto, mode: str, per_channel: bool, rank: int) -> int | None:
+    """The axis ORT quantizes `node`'s weight along (one scale per slice), or None when it quantizes it
+    per tensor. The one statement of ORT's rule here: the saturation check scales weights with it, and
+    the 7-bit overrides (`kinds._ort`) must name the same axis or ORT refuses them ("per-channel
+    quantization overrides (axis value is missing)")."""
+    if node.op_type in ("LSTM", "GRU"):
+        return 0  # ORT's dynamic LSTM quantizes W and R per channel whatever `per_channel` says
+    if not per_channel:
+        return None
+    if mode == "dynamic":
+        return rank - 1  # ORT's dynamic quantizer: axis=-1
+    if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+        return 0
+    return CHANNEL_AXIS.get(node.op_type, 0)
 
 
 def symmetric_int8(weight: np.ndarray, axis: int | None) -> np.ndarray:
@@ -283,16 +300,13 @@ def saturating_weights(
         if paired is None:
             continue
         weight = _weight(initializers[node.input[index]], base_dir)
-        output_axis = _OUTPUT_AXIS[node.op_type]
         if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
-            paired, output_axis = 1, 0
+            paired = 1
         if weight.ndim < 2:
             continue
+        quantized = symmetric_int8(weight, channel_axis(node, mode, per_channel, weight.ndim))
         if node.op_type == "Conv":  # pairs within a group: input channels of one kernel position
-            weight = weight.reshape(weight.shape[0], weight.shape[1], -1)
-        if mode == "dynamic":
-            output_axis = weight.ndim - 1  # ORT's dynamic quantizer scales per channel along axis -1
-        quantized = symmetric_int8(weight, output_axis if per_channel else None)
+            quantized = quantized.reshape(quantized.shape[0], quantized.shape[1], -1)
         if pairs_saturate(quantized, paired):
             found.setdefault(node.input[index], node.name)
     return found

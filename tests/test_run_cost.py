@@ -84,6 +84,8 @@ def test_runs_use_the_local_prefect_server_and_stop_leaves_nothing_behind(tmp_pa
         for result in outputs:
             assert result.returncode == 0, result.stdout
             assert f"Prefect: the local server at http://127.0.0.1:{port}" in result.stdout
+        # the first run creates the MLflow store: MLflow's lines about it go to the run's log
+        assert "Creating initial MLflow database tables" not in outputs[0].stdout, outputs[0].stdout
         # the second run compares with the champion the first one registered: still no library output
         assert "Downloading artifacts" not in outputs[1].stdout and "Traceback" not in outputs[1].stdout
 
@@ -92,6 +94,13 @@ def test_runs_use_the_local_prefect_server_and_stop_leaves_nothing_behind(tmp_pa
         int8flow_runs = [run for run in flow_runs if run["name"].startswith(spec.stem)]
         assert len(int8flow_runs) == 2, [run["name"] for run in flow_runs]
         assert {run["state_type"] for run in int8flow_runs} == {"COMPLETED"}
+
+        # a deployment goes to the kept server too, without PREFECT_API_URL
+        deployed = _int8flow(env, tmp_path, "deploy", str(spec), "--name", "kept")
+        assert deployed.returncode == 0, deployed.stdout
+        assert f"PREFECT_API_URL=http://127.0.0.1:{port}/api prefect worker start" in deployed.stdout
+        deployments = httpx.post(f"http://127.0.0.1:{port}/api/deployments/filter", json={}, timeout=60).json()
+        assert [deployment["name"] for deployment in deployments] == ["kept"]
     finally:
         stopped = _int8flow(env, tmp_path, "server", "stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stdout

@@ -119,6 +119,67 @@ def test_shared_ranges_give_the_same_model_as_ort_calibrating_itself(prepared, m
             assert np.allclose(mine[name], theirs[name], rtol=0.15), name
 
 
+def test_histogram_methods_in_one_pass_give_the_ranges_each_computes_alone(prepared, monkeypatch):
+    from int8flow.tasks import calibrate as calibration
+
+    _info, pre, _evaluation, data, _reference, work = prepared
+    options = Calibration(data=DataSource(path=pre.path))
+    methods = ["entropy", "percentile", "distribution"]
+    alone = {method: calibrate(pre.path, data, method, options, work / f"alone-{method}.json") for method in methods}
+
+    runs = []
+    run = calibration._OneRunPerFeed.run
+
+    def counted(self, names, feed):
+        runs.append(self._last is None or self._last[0] is not feed)  # True: the model ran for this feed
+        return run(self, names, feed)
+
+    monkeypatch.setattr(calibration._OneRunPerFeed, "run", counted)
+    together = calibration.calibrate_in_one_pass(
+        pre.path, data, methods, options, {method: work / f"together-{method}.json" for method in methods}
+    )
+    feeds = len(data.batches)
+    assert sum(runs) == feeds and len(runs) == feeds * len(methods)  # the model ran once per feed, for all three
+    for method in methods:
+        assert json.loads(together[method].path.read_text()) == json.loads(alone[method].path.read_text()), method
+
+    keys = [
+        CalibrationKey(m, g) for m in ("minmax", "entropy", "percentile") for g in (Graph.PREPROCESSED, Graph.FUSED)
+    ]
+    passes = calibration.calibration_passes(keys)
+    assert sorted(passes) == sorted(
+        [
+            (CalibrationKey("entropy", Graph.PREPROCESSED), CalibrationKey("percentile", Graph.PREPROCESSED)),
+            (CalibrationKey("entropy", Graph.FUSED), CalibrationKey("percentile", Graph.FUSED)),
+            (CalibrationKey("minmax", Graph.PREPROCESSED),),
+            (CalibrationKey("minmax", Graph.FUSED),),
+        ]
+    )
+
+
+def test_a_method_that_fails_in_a_shared_pass_fails_alone(prepared, monkeypatch):
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from int8flow.tasks.calibrate import CalibrationError, calibrate_in_one_pass
+
+    _info, pre, _evaluation, data, _reference, work = prepared
+
+    def too_many_bins(self):  # what ORT's percentile calibrator raises on MiniLM's graph (docs/benchmarks.md)
+        raise ValueError("Too many bins for data range. Cannot create 2048 finite-sized bins.")
+
+    monkeypatch.setattr(HistogramCollector, "compute_percentile", too_many_bins)
+    options = Calibration(data=DataSource(path=pre.path))
+    outcome = calibrate_in_one_pass(
+        pre.path,
+        data,
+        ["entropy", "percentile"],
+        options,
+        {m: work / f"fails-{m}.json" for m in ("entropy", "percentile")},
+    )
+    assert outcome["entropy"].tensors > 0
+    assert isinstance(outcome["percentile"], CalibrationError) and "Too many bins" in str(outcome["percentile"])
+
+
 def test_calibrating_only_the_op_types_a_variant_quantizes_gives_the_same_model(prepared):
     _info, pre, _evaluation, calibration, _reference, work = prepared
     from int8flow.tasks.calibrate import ALL_QUANTIZABLE_OPS

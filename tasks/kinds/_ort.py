@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import onnx
 
-from int8flow.tasks.hardware import WHERE_NEEDED, ReduceRange, saturating_weights
+from int8flow.tasks.hardware import CHANNEL_AXIS, WHERE_NEEDED, ReduceRange, channel_axis, saturating_weights
 
 
 def extra_options(model: Path, options: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -47,9 +47,9 @@ def weight_ranges(
     ranks = {tensor.name: len(tensor.dims) for tensor in graph.initializer}
     for weight, node_name in found.items():
         if weight not in overrides:  # the spec's own override wins
-            axis = _channel_axis(readers[node_name], mode, per_channel, ranks[weight])
+            axis = channel_axis(readers[node_name], mode, per_channel, ranks[weight])
             overrides[weight] = [{"reduce_range": True} | ({} if axis is None else {"axis": axis})]
-    weights = {node.input[1] for node in graph.node if len(node.input) > 1 and node.op_type in _CHANNEL_AXIS}
+    weights = {node.input[1] for node in graph.node if len(node.input) > 1 and node.op_type in CHANNEL_AXIS}
     note = (
         f"reduce_range where_needed: 7-bit weights for {len(found)} weight(s) whose 8-bit pairs could saturate "
         f"ORT's AVX2 u8s8 kernels, 8-bit for the other {max(len(weights - set(found)), 0)}"
@@ -58,25 +58,6 @@ def weight_ranges(
     if overrides:
         chosen["TensorQuantOverrides"] = overrides
     return False, chosen, [note]
-
-
-# ORT's default per-channel axis of a weight (its operators' `default_axis`)
-_CHANNEL_AXIS = {"Conv": 0, "MatMul": 1, "Gemm": 1, "ConvTranspose": 1}
-
-
-def _channel_axis(node: onnx.NodeProto, mode: str, per_channel: bool, rank: int) -> int | None:
-    """The axis ORT quantizes `node`'s weight along, or None when it quantizes it per tensor: an override
-    must name the same axis or ORT refuses it ("per-channel quantization overrides (axis value is
-    missing)"), and a per-tensor one would turn a per-channel weight per tensor."""
-    if node.op_type in ("LSTM", "GRU"):
-        return 0  # ORT's dynamic LSTM quantizes W and R per channel whatever `per_channel` says
-    if not per_channel:
-        return None
-    if mode == "dynamic":
-        return rank - 1  # ORT's dynamic quantizer: axis=-1
-    if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
-        return 0
-    return _CHANNEL_AXIS.get(node.op_type, 0)
 
 
 FOLDED_ACTIVATIONS = ("Relu", "Clip")  # ORT's QDQ quantizer folds these into the clipping of a QuantizeLinear
