@@ -204,50 +204,9 @@ def calibrate_in_one_pass(
     assert len(methods) == 1 or set(methods) <= HISTOGRAM_METHODS, f"{methods} do not share a pass"
     started = time.perf_counter()
     results: dict[str, CalibrationRanges | CalibrationError] = {}
-    calibrators: dict[str, CalibraterBase] = {}
-    computed: dict[str, Any] = {}  # method -> ORT's TensorsData
     with tempfile.TemporaryDirectory(prefix="int8flow-calib-") as scratch:
-        private = private_link(model, Path(scratch) / "model")
-        for method in methods:
-            extra_options: dict[str, float | bool] = {"symmetric": options.symmetric}
-            if method == "percentile":
-                extra_options["percentile"] = options.percentile
-            try:
-                calibrators[method] = create_calibrator(
-                    private,
-                    list(op_types or ALL_QUANTIZABLE_OPS),
-                    augmented_model_path=str(Path(scratch) / f"augmented-{method}.onnx"),
-                    calibrate_method=ORT_METHODS[method],
-                    use_external_data_format=True,
-                    providers=["CPUExecutionProvider"],
-                    extra_options=extra_options,
-                )
-            except Exception as error:  # noqa: BLE001 - this method fails; the others go on
-                results[method] = _failed(method, error)
-        if calibrators:
-            first = next(iter(calibrators.values()))
-            shared = _OneRunPerFeed(_lean_session(first.augmented_model_path))
-            outputs = [output.name for output in shared.get_outputs()]
-            for calibrator in calibrators.values():
-                # the histogram methods augment the graph alike; if ORT ever differs, each runs alone
-                same = [output.name for output in calibrator.infer_session.get_outputs()] == outputs
-                calibrator.infer_session = shared if same else _lean_session(calibrator.augmented_model_path)
-            feeds = DatasetReader(dataset)
-            per_call = min(FEEDS_PER_COLLECT[method] for method in calibrators)
-            with quiet_prints():  # ORT's histogram calibrators print progress to stdout
-                while chunk := _take(feeds, per_call):
-                    for method, calibrator in list(calibrators.items()):
-                        try:
-                            calibrator.collect_data(_Feeds(chunk))
-                        except Exception as error:  # noqa: BLE001 - this method fails; the others go on
-                            results[method] = _failed(method, error)
-                            del calibrators[method]
-                for method, calibrator in calibrators.items():
-                    try:
-                        computed[method] = calibrator.compute_data()
-                    except Exception as error:  # noqa: BLE001 - this method fails; the others go on
-                        results[method] = _failed(method, error)
-            calibrators.clear()
+        calibrators = _calibrators(model, methods, options, op_types, Path(scratch), results)
+        computed = _run_pass(calibrators, dataset, results) if calibrators else {}
     seconds = time.perf_counter() - started
     for method, ranges in computed.items():
         outs[method].parent.mkdir(parents=True, exist_ok=True)
@@ -256,6 +215,71 @@ def calibrate_in_one_pass(
             method=method, path=outs[method], samples=dataset.samples, tensors=len(ranges.data), seconds=seconds
         )
     return {method: results[method] for method in methods}
+
+
+def _calibrators(
+    model: Path,
+    methods: Sequence[str],
+    options: Calibration,
+    op_types: Sequence[str] | None,
+    scratch: Path,
+    failures: dict[str, CalibrationRanges | CalibrationError],
+) -> dict[str, CalibraterBase]:
+    """ORT's calibrator per method, each on its augmented copy of `model` in `scratch`; a method whose
+    calibrator cannot be made is recorded in `failures`."""
+    private = private_link(model, scratch / "model")
+    calibrators: dict[str, CalibraterBase] = {}
+    for method in methods:
+        extra_options: dict[str, float | bool] = {"symmetric": options.symmetric}
+        if method == "percentile":
+            extra_options["percentile"] = options.percentile
+        try:
+            calibrators[method] = create_calibrator(
+                private,
+                list(op_types or ALL_QUANTIZABLE_OPS),
+                augmented_model_path=str(scratch / f"augmented-{method}.onnx"),
+                calibrate_method=ORT_METHODS[method],
+                use_external_data_format=True,
+                providers=["CPUExecutionProvider"],
+                extra_options=extra_options,
+            )
+        except Exception as error:  # noqa: BLE001 - this method fails; the others go on
+            failures[method] = _failed(method, error)
+    return calibrators
+
+
+def _run_pass(
+    calibrators: dict[str, CalibraterBase],
+    dataset: Dataset,
+    failures: dict[str, CalibrationRanges | CalibrationError],
+) -> dict[str, Any]:
+    """Feed `dataset` once through one lean session shared by `calibrators` and return each method's
+    ranges (ORT's TensorsData); a method that fails is recorded in `failures` and dropped."""
+    first = next(iter(calibrators.values()))
+    shared = _OneRunPerFeed(_lean_session(first.augmented_model_path))
+    outputs = [output.name for output in shared.get_outputs()]
+    for calibrator in calibrators.values():
+        # the histogram methods augment the graph alike; if ORT ever differs, each runs alone
+        same = [output.name for output in calibrator.infer_session.get_outputs()] == outputs
+        calibrator.infer_session = shared if same else _lean_session(calibrator.augmented_model_path)
+    feeds = DatasetReader(dataset)
+    per_call = min(FEEDS_PER_COLLECT[method] for method in calibrators)
+    computed: dict[str, Any] = {}
+    with quiet_prints():  # ORT's histogram calibrators print progress to stdout
+        while chunk := _take(feeds, per_call):
+            for method, calibrator in list(calibrators.items()):
+                try:
+                    calibrator.collect_data(_Feeds(chunk))
+                except Exception as error:  # noqa: BLE001 - this method fails; the others go on
+                    failures[method] = _failed(method, error)
+                    del calibrators[method]
+        for method, calibrator in calibrators.items():
+            try:
+                computed[method] = calibrator.compute_data()
+            except Exception as error:  # noqa: BLE001 - this method fails; the others go on
+                failures[method] = _failed(method, error)
+    calibrators.clear()  # the sessions hold the augmented models in the scratch directory
+    return computed
 
 
 def _failed(method: str, error: Exception) -> CalibrationError:
