@@ -26,7 +26,13 @@ from int8flow.flows.records import VariantRecord, attempt, describe
 from int8flow.flows.runner import Outcome, Runner
 from int8flow.flows.spec import PipelineSpec
 from int8flow.flows.tracking import PipelineRun, Tag
-from int8flow.tasks.calibrate import CalibrationKey, CalibrationRanges, calibrate_in_one_pass, calibration_passes
+from int8flow.tasks.calibrate import (
+    CalibrationKey,
+    CalibrationPassError,
+    CalibrationRanges,
+    calibrate_in_one_pass,
+    calibration_passes,
+)
 from int8flow.tasks.clipping import clipping
 from int8flow.tasks.coverage import op_coverage, slow_int8_warnings
 from int8flow.tasks.data import Dataset, Tokenizer, load_dataset
@@ -274,6 +280,8 @@ def calibrations(
         for keys, future in futures.items():
             try:
                 outcomes: dict[str, Any] = future.result()
+            except CalibrationPassError as failed:  # each method failed: its own error for its variants
+                outcomes = failed.errors
             except Exception as error:  # noqa: BLE001 - only the variants of these calibrations fail
                 outcomes = {key.method: error for key in keys}
             for key in keys:

@@ -63,6 +63,18 @@ class CalibrationError(RuntimeError):
     pass
 
 
+class CalibrationPassError(CalibrationError):
+    """Every method of a calibration pass failed. Raised rather than returned, so that the pass's
+    Prefect task shows as failed; `errors` holds each method's own."""
+
+    def __init__(self, errors: Mapping[str, CalibrationError]):
+        super().__init__("; ".join(str(error) for error in errors.values()))
+        self.errors = dict(errors)
+
+    def __reduce__(self):  # a Dask worker pickles it with its errors, not its message
+        return type(self), (self.errors,)
+
+
 @dataclass(frozen=True, order=True)
 class CalibrationKey:
     """Ranges are per method and per graph: the fused graph has other tensor names."""
@@ -183,9 +195,11 @@ def calibrate(
     """Compute activation ranges of `model` on `dataset` with `method` and save them to `out`: of the
     inputs and outputs of nodes of `op_types` (the ones the variants quantize, as ORT's `quantize_static`
     calibrates them), or of every op type any variant could quantize."""
-    outcome = calibrate_in_one_pass(model, dataset, [method], options, {method: out}, op_types)[method]
-    if isinstance(outcome, CalibrationError):
-        raise outcome
+    try:
+        outcome = calibrate_in_one_pass(model, dataset, [method], options, {method: out}, op_types)[method]
+    except CalibrationPassError as failed:
+        raise failed.errors[method] from failed.errors[method].__cause__
+    assert isinstance(outcome, CalibrationRanges)
     return outcome
 
 
@@ -200,7 +214,7 @@ def calibrate_in_one_pass(
     """`calibrate` for several methods whose calibrators see the same outputs (the histogram methods,
     `calibration_passes`), running the model once per feed for all of them. The ranges are the ones
     each method computes alone (tests/test_stages.py). A method that fails gets its error; the others go
-    on. Each result's `seconds` is the whole pass's."""
+    on; if none is left, `CalibrationPassError`. Each result's `seconds` is the whole pass's."""
     assert len(methods) == 1 or set(methods) <= HISTOGRAM_METHODS, f"{methods} do not share a pass"
     started = time.perf_counter()
     results: dict[str, CalibrationRanges | CalibrationError] = {}
@@ -214,6 +228,9 @@ def calibrate_in_one_pass(
         results[method] = CalibrationRanges(
             method=method, path=outs[method], samples=dataset.samples, tensors=len(ranges.data), seconds=seconds
         )
+    errors = {method: result for method, result in results.items() if isinstance(result, CalibrationError)}
+    if len(errors) == len(methods):
+        raise CalibrationPassError(errors)
     return {method: results[method] for method in methods}
 
 

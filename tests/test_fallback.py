@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from int8flow.tasks import fallback
 from int8flow.tasks.calibrate import Calibration, CalibrationKey, calibrate
 from int8flow.tasks.data import Batch, Dataset, DataSource
 from int8flow.tasks.evaluate import Metric, evaluate_model, run_model
@@ -93,6 +94,17 @@ def test_nodes_are_ranked_by_their_own_quantization_error(setup):
     assert [error.node for error in ranking][:1] == ["middle_layer"]
     assert {error.node for error in ranking} == {"first_layer", "middle_layer", "last_layer"}
     assert ranking[0].added_noise > ranking[1].added_noise
+
+
+def test_tracing_in_bounded_passes_gives_the_same_noise_as_one_pass(setup, monkeypatch):
+    # the passes bound memory (a pass holds TENSORS_PER_PASS tensors of a feed); they must not change a number
+    _work, model, data, _reference, _variant, quantized = setup
+    feeds = [{"x": batch.inputs["x"][:1]} for batch in data.batches]
+    whole = fallback.tensor_sqnr(model, quantized.path, feeds)
+    monkeypatch.setattr(fallback, "TENSORS_PER_PASS", 1)
+    one_by_one = fallback.tensor_sqnr(model, quantized.path, feeds)
+    assert len(whole) >= 4 and one_by_one == whole
+    assert min(whole.values()) < fallback.CLEAN_SQNR_DB  # the outlier layer's noise is in it
 
 
 def test_keeping_the_worst_node_in_float_meets_the_constraint(setup):

@@ -180,6 +180,34 @@ def test_a_method_that_fails_in_a_shared_pass_fails_alone(prepared, monkeypatch)
     assert isinstance(outcome["percentile"], CalibrationError) and "Too many bins" in str(outcome["percentile"])
 
 
+def test_a_pass_whose_every_method_fails_raises_each_methods_error(prepared, monkeypatch):
+    # raised, not returned: the pass's Prefect task must show as failed, not Completed
+    import pickle
+
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from int8flow.tasks.calibrate import CalibrationError, CalibrationPassError, calibrate, calibrate_in_one_pass
+
+    _info, pre, _evaluation, data, _reference, work = prepared
+
+    def too_many_bins(self):
+        raise ValueError("Too many bins for data range. Cannot create 2048 finite-sized bins.")
+
+    monkeypatch.setattr(HistogramCollector, "compute_percentile", too_many_bins)
+    monkeypatch.setattr(HistogramCollector, "compute_entropy", too_many_bins)
+    options = Calibration(data=DataSource(path=pre.path))
+    outs = {m: work / f"all-fail-{m}.json" for m in ("entropy", "percentile")}
+    with pytest.raises(CalibrationPassError) as raised:
+        calibrate_in_one_pass(pre.path, data, ["entropy", "percentile"], options, outs)
+    assert set(raised.value.errors) == {"entropy", "percentile"}
+    assert all("Too many bins" in str(error) for error in raised.value.errors.values())
+    assert not any(path.exists() for path in outs.values())
+    assert pickle.loads(pickle.dumps(raised.value)).errors.keys() == raised.value.errors.keys()
+    with pytest.raises(CalibrationError, match="percentile calibration failed") as alone:
+        calibrate(pre.path, data, "percentile", options, work / "alone.json")
+    assert not isinstance(alone.value, CalibrationPassError)
+
+
 def test_calibrating_only_the_op_types_a_variant_quantizes_gives_the_same_model(prepared):
     _info, pre, _evaluation, calibration, _reference, work = prepared
     from int8flow.tasks.calibrate import ALL_QUANTIZABLE_OPS
