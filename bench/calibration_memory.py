@@ -76,7 +76,7 @@ def one_minilm(model: Path, method: str, samples: int, ort_way: bool) -> None:
     )
     if ort_way:
         calibration.FEEDS_PER_COLLECT = dict.fromkeys(calibration.FEEDS_PER_COLLECT, 10**9)
-        calibration._lean_session = lambda calibrator: None  # ORT's own session and node order
+        calibration.LEAN_SESSION = False  # ORT's own session and node order
     options = spec.calibration.model_copy(update={"method": method})
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
@@ -102,7 +102,7 @@ def one(model: Path, method: str, samples: int, ort_way: bool) -> None:
         dataset = load_dataset(DataSource(path=data, batch_size=1), {"images": np.dtype(np.float32)})
         if ort_way:  # one collect_data call over every sample, as quantize_static does, in ORT's session
             calibration.FEEDS_PER_COLLECT = dict.fromkeys(calibration.FEEDS_PER_COLLECT, 10**9)
-            calibration._lean_session = lambda calibrator: None
+            calibration.LEAN_SESSION = False
         started = time.perf_counter()
         options = calibration.Calibration(data=DataSource(path=data), method=method)  # type: ignore[arg-type]
         calibration.calibrate(model, dataset, method, options, Path(folder) / "ranges.json")

@@ -375,11 +375,11 @@ def console_script() -> None:
         if isinstance(done.code, str):
             print(done.code, file=sys.stderr)
         code = done.code if isinstance(done.code, int) else int(done.code is not None)
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter's own exit does first, in its order: the threading module's exit hooks (Prefect's
+    # log and event workers drain there; skipped, the log handler's final flush waits 5 s for them), then
+    # every other non-daemon thread, then the exit handlers (logging's shutdown among them).
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
-    logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)

@@ -101,6 +101,11 @@ def calibration_passes(keys: Iterable[CalibrationKey]) -> list[tuple[Calibration
     return [tuple(keys) for keys in passes.values()]
 
 
+# False: each calibrator keeps ORT's own session, in ORT's node order, as `quantize_static` runs it (the
+# "ort" rows of bench/calibration_memory.py measure that way against this one).
+LEAN_SESSION = True
+
+
 class _OneRunPerFeed:
     """The augmented model's session, shared by several calibrators: the first to ask for a feed's
     outputs runs the model, the others get the same arrays (ORT's collectors only read them)."""
@@ -272,13 +277,14 @@ def _run_pass(
 ) -> dict[str, Any]:
     """Feed `dataset` once through one lean session shared by `calibrators` and return each method's
     ranges (ORT's TensorsData); a method that fails is recorded in `failures` and dropped."""
-    first = next(iter(calibrators.values()))
-    shared = _OneRunPerFeed(_lean_session(first.augmented_model_path))
-    outputs = [output.name for output in shared.get_outputs()]
-    for calibrator in calibrators.values():
-        # the histogram methods augment the graph alike; if ORT ever differs, each runs alone
-        same = [output.name for output in calibrator.infer_session.get_outputs()] == outputs
-        calibrator.infer_session = shared if same else _lean_session(calibrator.augmented_model_path)
+    if LEAN_SESSION:
+        first = next(iter(calibrators.values()))
+        shared = _OneRunPerFeed(_lean_session(first.augmented_model_path))
+        outputs = [output.name for output in shared.get_outputs()]
+        for calibrator in calibrators.values():
+            # the histogram methods augment the graph alike; if ORT ever differs, each runs alone
+            same = [output.name for output in calibrator.infer_session.get_outputs()] == outputs
+            calibrator.infer_session = shared if same else _lean_session(calibrator.augmented_model_path)
     feeds = DatasetReader(dataset)
     per_call = min(FEEDS_PER_COLLECT[method] for method in calibrators)
     computed: dict[str, Any] = {}

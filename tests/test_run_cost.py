@@ -73,6 +73,9 @@ def test_runs_use_the_local_prefect_server_and_stop_leaves_nothing_behind(tmp_pa
     }
     port = _free_port()
     spec = spec_file(tmp_path, digits_model)
+    # a first run before any kept server: Prefect's ephemeral server, on the same PREFECT_HOME database
+    cold = _int8flow(env, tmp_path, "run", str(spec))
+    assert cold.returncode == 0 and "Prefect: the local server" not in cold.stdout, cold.stdout
     try:
         started = _int8flow(env, tmp_path, "server", "start", "--port", str(port))
         assert started.returncode == 0, started.stdout
@@ -89,11 +92,21 @@ def test_runs_use_the_local_prefect_server_and_stop_leaves_nothing_behind(tmp_pa
         # the second run compares with the champion the first one registered: still no library output
         assert "Downloading artifacts" not in outputs[1].stdout and "Traceback" not in outputs[1].stdout
 
-        # both flow runs are in the kept server, finished
-        flow_runs = httpx.post(f"http://127.0.0.1:{port}/api/flow_runs/filter", json={}, timeout=60).json()
+        # all three flow runs are in the kept server's database, finished
+        api = f"http://127.0.0.1:{port}/api"
+        flow_runs = httpx.post(f"{api}/flow_runs/filter", json={"sort": "START_TIME_ASC"}, timeout=60).json()
         int8flow_runs = [run for run in flow_runs if run["name"].startswith(spec.stem)]
-        assert len(int8flow_runs) == 2, [run["name"] for run in flow_runs]
+        assert len(int8flow_runs) == 3, [run["name"] for run in flow_runs]
         assert {run["state_type"] for run in int8flow_runs} == {"COMPLETED"}
+        # every run's log reached Prefect to its last line, the ephemeral server's too: the command drains
+        # Prefect's log worker before the exit handlers stop that server (it used to lose the last ~12 lines)
+        for flow_run in int8flow_runs:
+            logs = httpx.post(
+                f"{api}/logs/filter",
+                json={"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "sort": "TIMESTAMP_ASC", "limit": 200},
+                timeout=60,
+            ).json()
+            assert any(log["message"].startswith("done: ") for log in logs), [log["message"][:60] for log in logs[-5:]]
 
         # a deployment goes to the kept server too, without PREFECT_API_URL
         deployed = _int8flow(env, tmp_path, "deploy", str(spec), "--name", "kept")
