@@ -275,8 +275,9 @@ def _run_pass(
     dataset: Dataset,
     failures: dict[str, CalibrationRanges | CalibrationError],
 ) -> dict[str, Any]:
-    """Feed `dataset` once through one lean session shared by `calibrators` and return each method's
-    ranges (ORT's TensorsData); a method that fails is recorded in `failures` and dropped."""
+    """Feed `dataset` once through one lean session shared by `calibrators` (ORT's own sessions when
+    `LEAN_SESSION` is off) and return each method's ranges (ORT's TensorsData); a method that fails is
+    recorded in `failures` and dropped."""
     if LEAN_SESSION:
         first = next(iter(calibrators.values()))
         shared = _OneRunPerFeed(_lean_session(first.augmented_model_path))

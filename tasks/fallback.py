@@ -63,8 +63,8 @@ class AccuracyFallback(StrictModel):
 CLEAN_SQNR_DB = 100.0
 # Tensors traced per pass of the two models: every traced tensor of a feed is alive at once, and the OCR
 # recognizer's 385 of its widest line (579 px) came to 1.1 GB with both models (a fallback per variant,
-# two at a time: 2.7 GB in all). A pass recomputes the graph up to its last tensor; passes of 96 bound
-# the memory at about a quarter for 2.5x the (seconds-long) compute.
+# two at a time: 2.7 GB in all). A pass recomputes the graph up to its last tensor; passes of 96 took one
+# variant from 1,215 MB in 2.5 s to 552 MB in 5.0 s (docs/benchmarks.md, Run cost 2026-12-03).
 TENSORS_PER_PASS = 96
 
 
@@ -161,16 +161,7 @@ def _add_noise(
 ) -> None:
     """Add one feed's signal and noise energy of each `traced` tensor (FP32 name -> quantized name). The
     feed's tensors are freed on return, before the next feed runs."""
-    expected = dict(
-        zip(
-            [o.name for o in reference.get_outputs()], reference.run(None, feed_for(reference, dict(feed))), strict=True
-        )
-    )
-    actual = dict(
-        zip(
-            [o.name for o in candidate.get_outputs()], candidate.run(None, feed_for(candidate, dict(feed))), strict=True
-        )
-    )
+    expected, actual = _traced(reference, feed), _traced(candidate, feed)
     for name, quantized_name in traced.items():
         x, y = expected.get(name), actual.get(quantized_name)
         if x is None or y is None or x.dtype.kind != "f" or y.dtype.kind != "f" or x.shape != y.shape:
@@ -178,6 +169,12 @@ def _add_noise(
         x64 = x.astype(np.float64)
         signal[name] = signal.get(name, 0.0) + float(np.sum(x64 * x64))
         noise[name] = noise.get(name, 0.0) + float(np.sum((x64 - y.astype(np.float64)) ** 2))
+
+
+def _traced(session: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return dict(
+        zip([o.name for o in session.get_outputs()], session.run(None, feed_for(session, dict(feed))), strict=True)
+    )
 
 
 def rank_nodes(
