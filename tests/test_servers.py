@@ -183,20 +183,26 @@ def test_a_deployment_triggered_through_the_prefect_api_runs_and_lands_in_mlflow
             if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 break
             time.sleep(2)
+        # The state turns COMPLETED before the flow-run process has sent its last log lines: wait for them
+        # while the worker (and so that process) still lives.
+        run_id = flow_run["id"]
+        wanted = ("select: selected", "time: b1_t1", "done: selected")
+        messages = ""
+        while state == "COMPLETED" and time.monotonic() < deadline:
+            logs = httpx.post(
+                f"{PREFECT}/logs/filter",
+                json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200, "sort": "TIMESTAMP_DESC"},
+                timeout=API_SECONDS,
+            ).json()
+            messages = "\n".join(entry["message"] for entry in logs)
+            if all(line in messages for line in wanted):
+                break
+            time.sleep(1)
         worker_output = _end(worker)
     # then it completes, and its runs, metrics and the alias are visible through MLflow's REST API
     assert state == "COMPLETED", worker_output[-3000:]
     # and the Prefect UI has the story: stage messages in the run's logs, a summary artifact, a name, tags
-    run_id = flow_run["id"]
-    logs = httpx.post(
-        f"{PREFECT}/logs/filter",
-        json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200, "sort": "TIMESTAMP_DESC"},
-        timeout=API_SECONDS,
-    ).json()
-    messages = "\n".join(entry["message"] for entry in logs)
-    assert "select: selected" in messages and "time: b1_t1" in messages and "done: selected" in messages, messages[
-        -2000:
-    ]
+    assert all(line in messages for line in wanted), messages[:2000]  # the newest first
     artifacts = httpx.post(
         f"{PREFECT}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}, timeout=API_SECONDS
     ).json()
